@@ -1,0 +1,48 @@
+# lcm: `make train` and `make test` each do all set-up on a fresh machine.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+WORKDIR ?= runs/mqar_attention
+CONFIG ?= configs/mqar.py:attention
+PYTEST_ARGS ?=
+
+# The first interpreter that is Python >= 3.12: $(PYTHON) if given, then the usual names,
+# then pyenv / uv installs (whose shims may exist without a working interpreter).
+define find_python
+for c in $${PYTHON:-} python3.13 python3.12 python3 /root/.pyenv/versions/3.1[2-9]*/bin/python3 \
+         $$HOME/.pyenv/versions/3.1[2-9]*/bin/python3 $$HOME/.local/share/uv/python/*3.1[2-9]*/bin/python3; do \
+  [ -n "$$c" ] || continue; \
+  if "$$c" -c 'import sys, venv; sys.exit(0 if sys.version_info >= (3, 12) else 1)' >/dev/null 2>&1; then \
+    echo "$$c"; exit 0; fi; \
+done; exit 1
+endef
+
+.PHONY: train test venv venv-dev clean
+
+$(VENV)/.base: setup.cfg pyproject.toml
+	@py=$$($(find_python)) || { \
+	  echo "lcm needs Python >= 3.12 (jax 0.12 does). None found on PATH or under pyenv."; \
+	  echo "Install one, e.g. 'apt-get install python3.12 python3.12-venv', 'pyenv install 3.12', or 'uv python install 3.12',"; \
+	  echo "or point to it: make PYTHON=/path/to/python3.12 ..."; exit 1; }; \
+	echo "Using $$py ($$($$py --version))"; \
+	[ -x $(PY) ] || $$py -m venv $(VENV); \
+	$(PY) -m pip install -q --upgrade pip; \
+	$(PY) -m pip install -q -e .
+	@touch $@
+
+$(VENV)/.dev: $(VENV)/.base
+	$(PY) -m pip install -q -e '.[dev,notebooks]'
+	@touch $@
+
+venv: $(VENV)/.base
+venv-dev: $(VENV)/.dev
+
+train: $(VENV)/.base
+	$(PY) -m experiments.train --config=$(CONFIG) --workdir=$(WORKDIR)
+	@echo "Results: $(WORKDIR)/summary.json, metrics $(WORKDIR)/metrics.jsonl, TensorBoard: $(WORKDIR)/tb, checkpoints $(WORKDIR)/checkpoints"
+
+test: $(VENV)/.dev
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,240 @@
+"""Causal softmax attention: multi-head / grouped-query, RoPE, sliding window, KV cache.
+
+References (the math only; the code is lcm's own):
+  * Vaswani et al. 2017, "Attention Is All You Need" (scaled dot-product attention).
+  * Su et al. 2021, "RoFormer: Enhanced Transformer with Rotary Position Embedding" (RoPE).
+  * Ainslie et al. 2023, "GQA: Training Generalized Multi-Query Transformer Models from
+    Multi-Head Checkpoints" (grouped-query attention).
+  * Beltagy et al. 2020, "Longformer" (sliding-window attention).
+
+The mixer contract (see DESIGN.md):
+  * ``y = attn(x, segment_ids)``: training / prefill. Mask = causal AND same document AND
+    (``0 <= q_pos - k_pos < window`` when ``window`` is set). RoPE positions restart at 0 at
+    every document start, so a document packed into a row gives the same output as run alone.
+    This form materialises the [B, H, T, T] score matrix (a reference implementation; a
+    blockwise kernel is a drop-in replacement later).
+  * ``state = attn.init_state(batch, dtype, max_len=...)``: an empty KV cache.
+  * ``y, state = attn.step(x, state)``: ``t >= 1`` new tokens of one document per row.
+
+KV cache layout (a plain dict of arrays, so it jits, scans and shards like any pytree)::
+
+    {"k": [B, L, Hkv, Dh], "v": [B, L, Hkv, Dh],
+     "slot_pos": [L] int32   absolute position of the token in each slot, -1 = empty,
+     "pos": int32 scalar     number of tokens seen so far}
+
+``L = min(window, max_len)`` with a window, else ``max_len``. ``step`` attends over the
+concatenation [cache, new tokens] and keeps its last L entries as the new cache, so any chunk
+size (also ``t > L``) gives the same result. The cache always holds the last L tokens, and
+``step`` masks keys with ``q_pos - k_pos >= L``: decoding is exact while at most ``max_len``
+tokens have been seen; past that, a full-attention cache behaves exactly (and independently of
+the chunking) like sliding-window attention with ``window = max_len``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from layers.common import ConfigError, Linear, check, dense_init, param, segment_positions
+
+_NEG_INF = -1e30  # finite, so a (never expected) fully masked row cannot produce NaNs
+
+
+def _is_int(v: Any) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+  """Hyper-parameters of :class:`Attention`.
+
+  num_heads: query heads H.
+  num_kv_heads: key/value heads; None -> num_heads (MHA); a divisor of num_heads -> GQA
+    (query head h uses kv head ``h // (num_heads // num_kv_heads)``); 1 -> MQA.
+  head_dim: per-head width Dh; None -> d_model // num_heads.
+  rope_theta: RoPE base; 0 disables RoPE.
+  window: sliding window; a query attends to keys with ``0 <= q_pos - k_pos < window``.
+    None = full causal attention.
+  max_len: KV-cache capacity used by ``init_state`` when ``max_len`` is not passed.
+  """
+
+  num_heads: int = 4
+  num_kv_heads: int | None = None
+  head_dim: int | None = None
+  rope_theta: float = 10000.0
+  window: int | None = None
+  max_len: int = 4096
+
+  def validate(self, d_model: int) -> None:
+    """Raises ConfigError(field, message) for the first invalid field."""
+    check(_is_int(d_model) and d_model >= 1, "d_model",
+          f"must be a positive integer (got {d_model!r})")
+    check(_is_int(self.num_heads) and self.num_heads >= 1, "num_heads",
+          f"must be a positive integer (got {self.num_heads!r})")
+    if self.num_kv_heads is not None:
+      check(_is_int(self.num_kv_heads) and self.num_kv_heads >= 1, "num_kv_heads",
+            f"must be None or a positive integer (got {self.num_kv_heads!r})")
+      check(self.num_heads % self.num_kv_heads == 0, "num_kv_heads",
+            f"must divide num_heads={self.num_heads} (got {self.num_kv_heads})")
+    if self.head_dim is None:
+      check(d_model % self.num_heads == 0, "num_heads",
+            f"must divide d_model={d_model} (got {self.num_heads}); "
+            "or set head_dim explicitly")
+      head_dim = d_model // self.num_heads
+    else:
+      check(_is_int(self.head_dim) and self.head_dim >= 1, "head_dim",
+            f"must be None or a positive integer (got {self.head_dim!r})")
+      head_dim = self.head_dim
+    check(isinstance(self.rope_theta, (int, float)) and not isinstance(self.rope_theta, bool)
+          and math.isfinite(self.rope_theta) and self.rope_theta >= 0, "rope_theta",
+          f"must be a finite number >= 0, 0 disables RoPE (got {self.rope_theta!r})")
+    if self.rope_theta > 0:
+      check(head_dim % 2 == 0, "head_dim",
+            f"must be even when RoPE is on (got head_dim={head_dim}); "
+            "set an even head_dim or rope_theta=0")
+    if self.window is not None:
+      check(_is_int(self.window) and self.window >= 1, "window",
+            f"must be None or an integer >= 1 (got {self.window!r})")
+    check(_is_int(self.max_len) and self.max_len >= 1, "max_len",
+          f"must be an integer >= 1 (got {self.max_len!r})")
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding, rotate-half convention (Su et al. 2021).
+
+  x: [B, T, H, Dh] (Dh even); positions: [B, T] or [T] integer positions. Dimension pair
+  (i, i + Dh/2) is rotated by the angle ``pos * theta**(-2i/Dh)``. Computed in fp32, returned
+  in x.dtype. ``theta == 0`` returns x unchanged.
+  """
+  if theta == 0:
+    return x
+  dh = x.shape[-1]
+  half = dh // 2
+  inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / dh)
+  positions = jnp.broadcast_to(positions, x.shape[:2])
+  ang = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, half]
+  cos = jnp.cos(ang)[:, :, None, :]
+  sin = jnp.sin(ang)[:, :, None, :]
+  x32 = x.astype(jnp.float32)
+  x1, x2 = x32[..., :half], x32[..., half:]
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+class Attention(nnx.Module):
+  """Causal softmax attention (MHA / GQA / MQA) with RoPE, sliding window and a KV cache."""
+
+  Config = AttentionConfig
+
+  def __init__(self, d_model: int, cfg: AttentionConfig = AttentionConfig(), *,
+               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    cfg.validate(d_model)
+    self.cfg = cfg
+    self.d_model = d_model
+    self.num_heads = cfg.num_heads
+    self.num_kv_heads = cfg.num_kv_heads or cfg.num_heads
+    self.head_dim = cfg.head_dim or d_model // cfg.num_heads
+    self.dtype = dtype
+    h, hkv, dh = self.num_heads, self.num_kv_heads, self.head_dim
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.q = Linear(d_model, (h, dh), ("embed", "heads", "head_dim"), **kw)
+    self.k = Linear(d_model, (hkv, dh), ("embed", "kv_heads", "head_dim"), **kw)
+    self.v = Linear(d_model, (hkv, dh), ("embed", "kv_heads", "head_dim"), **kw)
+    self.out = param(rngs, dense_init(h * dh), (h, dh, d_model), ("heads", "head_dim", "embed"),
+                     param_dtype)
+
+  # ---------------------------------------------------------------- helpers
+  def _check_x(self, x: jax.Array) -> None:
+    if x.ndim != 3 or x.shape[-1] != self.d_model:
+      raise ValueError(f"Attention expects x of shape [B, T, {self.d_model}], got {x.shape}")
+
+  def _qkv(self, x: jax.Array, positions: jax.Array):
+    q = self.q(x)
+    k = self.k(x)
+    v = self.v(x)
+    q = apply_rope(q, positions, self.cfg.rope_theta)
+    k = apply_rope(k, positions, self.cfg.rope_theta)
+    return q, k, v
+
+  def _attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """q [B,Tq,H,Dh], k/v [B,Tk,Hkv,Dh], mask broadcastable to [B,Tq,Tk] -> [B,Tq,D]."""
+    b, tq, h, dh = q.shape
+    hkv = self.num_kv_heads
+    g = h // hkv
+    qg = q.reshape(b, tq, hkv, g, dh)
+    k = k.astype(self.dtype)
+    v = v.astype(self.dtype)
+    s = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32)
+    s = s * (1.0 / math.sqrt(dh))
+    mask = jnp.broadcast_to(mask, (b, tq, k.shape[1]))[:, None, None]
+    s = jnp.where(mask, s, _NEG_INF)
+    p = jax.nn.softmax(s, axis=-1).astype(self.dtype)
+    o = jnp.einsum("bhgqk,bkhd->bqhgd", p, v).reshape(b, tq, h, dh)
+    return jnp.einsum("bqhd,hde->bqe", o, self.out[...].astype(self.dtype))
+
+  def cache_len(self, max_len: int | None = None) -> int:
+    """Number of KV-cache slots L for a cache built with ``max_len`` (default cfg.max_len)."""
+    max_len = self.cfg.max_len if max_len is None else max_len
+    if not _is_int(max_len) or max_len < 1:
+      raise ConfigError("max_len", f"must be an integer >= 1 (got {max_len!r})")
+    return max_len if self.cfg.window is None else min(self.cfg.window, max_len)
+
+  # ---------------------------------------------------------------- contract
+  def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+    """x: [B, T, D]; segment_ids: [B, T] int (packed documents) or None -> [B, T, D]."""
+    self._check_x(x)
+    b, t, _ = x.shape
+    pos = segment_positions(segment_ids, b, t)
+    q, k, v = self._qkv(x, pos)
+    i = jnp.arange(t)
+    mask = (i[:, None] >= i[None, :])[None]  # [1, T, T]
+    if self.cfg.window is not None:
+      mask = mask & ((i[:, None] - i[None, :]) < self.cfg.window)[None]
+    if segment_ids is not None:
+      mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    return self._attend(q, k, v, mask)
+
+  def init_state(self, batch: int, dtype=jnp.float32, *,
+                 max_len: int | None = None) -> dict[str, jax.Array]:
+    """An empty KV cache for ``batch`` rows holding up to ``cache_len(max_len)`` tokens."""
+    length = self.cache_len(max_len)
+    shape = (batch, length, self.num_kv_heads, self.head_dim)
+    return {
+        "k": jnp.zeros(shape, dtype),
+        "v": jnp.zeros(shape, dtype),
+        "slot_pos": jnp.full((length,), -1, jnp.int32),
+        "pos": jnp.zeros((), jnp.int32),
+    }
+
+  def step(self, x: jax.Array, state: dict[str, jax.Array]):
+    """x: [B, t, D] (t >= 1, the next t tokens of one document per row) -> (y, new state)."""
+    self._check_x(x)
+    b, t, _ = x.shape
+    k_cache, v_cache, slot_pos, pos = state["k"], state["v"], state["slot_pos"], state["pos"]
+    length = k_cache.shape[1]
+    q_pos = pos + jnp.arange(t, dtype=jnp.int32)  # [t]
+    q, k, v = self._qkv(x, q_pos)
+    keys = jnp.concatenate([k_cache, k.astype(k_cache.dtype)], axis=1)
+    vals = jnp.concatenate([v_cache, v.astype(v_cache.dtype)], axis=1)
+    k_pos = jnp.concatenate([slot_pos, q_pos])  # [L + t]
+    diff = q_pos[:, None] - k_pos[None, :]
+    # length <= window, so this is also the sliding-window mask when a window is set.
+    mask = (k_pos[None, :] >= 0) & (diff >= 0) & (diff < length)
+    y = self._attend(q, keys, vals, mask[None])
+    new_state = {
+        "k": keys[:, t:],
+        "v": vals[:, t:],
+        "slot_pos": k_pos[t:],
+        "pos": pos + t,
+    }
+    return y, new_state
+
+  def state_size(self, batch: int, *, max_len: int | None = None) -> int:
+    """Elements of the float leaves of the state (the K and V caches); the int32 bookkeeping
+    (``slot_pos``: L, ``pos``: 1) is not counted."""
+    return 2 * batch * self.cache_len(max_len) * self.num_kv_heads * self.head_dim

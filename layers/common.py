@@ -1,0 +1,134 @@
+"""Pieces shared by several layer families: errors, parameters, norms, MLP, positions.
+
+Conventions every layer follows:
+  * Parameters are created with :func:`param`, which records *logical* axis names
+    (``out_sharding`` metadata, never mesh axis names) and an optional optimizer tag
+    (``optim_tag``: ``"no_decay"``, ``"ssm"``, ...) that ``lcm.train`` reads.
+  * Logical axis names: ``batch, seq, embed, heads, kv_heads, head_dim, mlp, vocab,
+    state, conv, layers``. The one table mapping them to mesh axes is in ``lcm/sharding.py``.
+  * Parameters live in ``param_dtype`` (fp32); compute happens in ``dtype``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Initializer = Callable[..., jax.Array]
+
+
+class ConfigError(ValueError):
+  """A bad configuration value. ``field`` is the dotted name of the offending field."""
+
+  def __init__(self, field: str, message: str):
+    self.field = field
+    super().__init__(f"{field}: {message}")
+
+
+def check(cond: bool, field: str, message: str) -> None:
+  """Raises ConfigError(field, message) unless cond."""
+  if not cond:
+    raise ConfigError(field, message)
+
+
+def param(
+    rngs: nnx.Rngs,
+    init: Initializer,
+    shape: Sequence[int],
+    axes: Sequence[str | None],
+    dtype: Any = jnp.float32,
+    tag: str | None = None,
+) -> nnx.Param:
+  """An nnx.Param with logical axis names and an optional optimizer tag."""
+  if len(axes) != len(shape):
+    raise ValueError(f"axes {axes} do not match shape {shape}")
+  value = init(rngs.params(), tuple(shape), dtype)
+  meta: dict[str, Any] = {"out_sharding": tuple(axes), "eager_sharding": False}
+  if tag is not None:
+    meta["optim_tag"] = tag
+  return nnx.Param(value, **meta)
+
+
+def dense_init(fan_in: int) -> Initializer:
+  """Truncated-normal-ish init with std 1/sqrt(fan_in) (LeCun normal)."""
+  std = fan_in ** -0.5
+
+  def init(key, shape, dtype):
+    return (std * jax.random.truncated_normal(key, -2.0, 2.0, shape, jnp.float32)).astype(dtype)
+
+  return init
+
+
+def ones_init(key, shape, dtype):
+  del key
+  return jnp.ones(shape, dtype)
+
+
+def zeros_init(key, shape, dtype):
+  del key
+  return jnp.zeros(shape, dtype)
+
+
+class Linear(nnx.Module):
+  """y = x @ W (+ b). ``axes`` names the kernel's (in, out...) axes; out may be multi-dim."""
+
+  def __init__(self, d_in: int, out_shape: int | Sequence[int], axes: Sequence[str | None], *,
+               use_bias: bool = False, dtype=jnp.float32, param_dtype=jnp.float32,
+               init: Initializer | None = None, rngs: nnx.Rngs):
+    out_shape = (out_shape,) if isinstance(out_shape, int) else tuple(out_shape)
+    self.out_shape = out_shape
+    self.dtype = dtype
+    self.kernel = param(rngs, init or dense_init(d_in), (d_in, *out_shape), axes, param_dtype)
+    self.bias = (param(rngs, zeros_init, out_shape, axes[1:], param_dtype, tag="no_decay")
+                 if use_bias else None)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    w = self.kernel[...].astype(self.dtype)
+    y = jnp.tensordot(x.astype(self.dtype), w, axes=((x.ndim - 1,), (0,)))
+    if self.bias is not None:
+      y = y + self.bias[...].astype(self.dtype)
+    return y
+
+
+class RMSNorm(nnx.Module):
+  """RMSNorm over the last axis, computed in fp32."""
+
+  def __init__(self, dim: int, *, eps: float = 1e-6, axis_name: str = "embed",
+               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    self.eps = eps
+    self.dtype = dtype
+    self.scale = param(rngs, ones_init, (dim,), (axis_name,), param_dtype, tag="no_decay")
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (y * self.scale[...].astype(jnp.float32)).astype(self.dtype)
+
+
+class SwiGLU(nnx.Module):
+  """out(silu(x W_gate) * x W_up)."""
+
+  def __init__(self, d_model: int, d_ff: int, *, dtype=jnp.float32, param_dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.gate = Linear(d_model, d_ff, ("embed", "mlp"), **kw)
+    self.up = Linear(d_model, d_ff, ("embed", "mlp"), **kw)
+    self.down = Linear(d_ff, d_model, ("mlp", "embed"), **kw)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+
+
+def segment_positions(segment_ids: jax.Array | None, batch: int, length: int) -> jax.Array:
+  """Position of each token inside its document: [B, T] int32, restarting at 0 where the
+  segment id changes. With no segment ids, 0..T-1."""
+  idx = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+  if segment_ids is None:
+    return idx
+  start = jnp.concatenate(
+      [jnp.ones((batch, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+  first = jax.lax.cummax(jnp.where(start, idx, 0), axis=1)
+  return idx - first

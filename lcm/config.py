@@ -1,0 +1,263 @@
+"""The config schema shared by every experiment, and its validation.
+
+Every experiment config (``configs/<family>.py:get_config(arg)``) starts from
+:func:`base_config` and changes fields; :func:`validate` checks every field *before*
+anything is built or compiled and raises one :class:`ConfigError` naming the field
+(dotted path) and the allowed values.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import ml_collections
+
+from layers.common import ConfigError
+from lcm import registry
+
+DTYPES = ("float32", "bfloat16")
+NAN_POLICIES = ("stop", "skip")
+TASKS = ("mqar",)
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.data = ml_collections.ConfigDict()
+  c.data.task = "mqar"
+  c.data.vocab_size = 8192
+  c.data.seq_len = 64
+  c.data.num_kv_pairs = 4
+  c.data.power_a = 0.01
+  c.data.random_non_queries = True
+  c.data.batch_size = 64  # global batch
+
+  c.model = ml_collections.ConfigDict()
+  c.model.vocab_size = c.data.get_ref("vocab_size")
+  c.model.d_model = 64
+  c.model.num_layers = 2
+  # Comma-separated mixer names; the pattern is repeated num_layers / len(pattern) times.
+  c.model.pattern = "attention"
+  c.model.mlp_ratio = 4.0  # SwiGLU hidden = round(mlp_ratio * d_model); 0 = no MLP
+  c.model.mixers = ml_collections.ConfigDict()  # per-mixer overrides: mixers.<name>.<field>
+  c.model.dtype = "float32"  # compute dtype
+  c.model.param_dtype = "float32"
+  c.model.remat = True
+  c.model.scan_layers = True
+  c.model.tie_embeddings = False
+  c.model.norm_eps = 1e-6
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 1000
+  c.train.lr = 1e-3
+  c.train.warmup_steps = 50
+  c.train.min_lr_ratio = 0.1  # cosine decays to lr * min_lr_ratio
+  c.train.weight_decay = 0.1
+  c.train.b1 = 0.9
+  c.train.b2 = 0.98
+  c.train.eps = 1e-8
+  c.train.grad_clip = 1.0  # global-norm clipping; 0 disables
+  # Optimizer overrides per parameter tag (a Param's ``optim_tag`` metadata):
+  # tag -> {lr: max learning rate (the schedule is capped at it), weight_decay}.
+  c.train.param_groups = ml_collections.ConfigDict({
+      "no_decay": {"weight_decay": 0.0},
+      "ssm": {"lr": 1e-3, "weight_decay": 0.0},
+  })
+  c.train.log_every = 10
+  c.train.eval_every = 200
+  c.train.checkpoint_every = 200
+  c.train.keep_checkpoints = 3
+  c.train.async_checkpoint = True
+  c.train.nan_policy = "stop"  # stop: halt with the step number; skip: drop the update
+  c.train.progress = True
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.seed = 1_000_003  # held-out: a different seed than training
+  c.eval.num_examples = 512
+  c.eval.batch_size = 128
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # -1: all devices not used by the other axes
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+  return c
+
+
+def _int(c, path: str, *, min_value: int | None = None, allow: tuple = ()) -> int:
+  v = _get(c, path)
+  if v in allow:
+    return v
+  if isinstance(v, bool) or not isinstance(v, int):
+    raise ConfigError(path, f"must be an integer (got {v!r})")
+  if min_value is not None and v < min_value:
+    extra = f" or one of {allow}" if allow else ""
+    raise ConfigError(path, f"must be >= {min_value}{extra} (got {v})")
+  return v
+
+
+def _float(c, path: str, *, lo: float | None = None, hi: float | None = None,
+           lo_open: bool = False, hi_open: bool = False) -> float:
+  v = _get(c, path)
+  if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+    raise ConfigError(path, f"must be a finite number (got {v!r})")
+  if lo is not None and (v < lo or (lo_open and v == lo)):
+    raise ConfigError(path, f"must be {'>' if lo_open else '>='} {lo} (got {v})")
+  if hi is not None and (v > hi or (hi_open and v == hi)):
+    raise ConfigError(path, f"must be {'<' if hi_open else '<='} {hi} (got {v})")
+  return float(v)
+
+
+def _choice(c, path: str, allowed) -> Any:
+  v = _get(c, path)
+  if v not in allowed:
+    raise ConfigError(path, f"must be one of {', '.join(map(str, allowed))} (got {v!r})")
+  return v
+
+
+def _bool(c, path: str) -> bool:
+  v = _get(c, path)
+  if not isinstance(v, bool):
+    raise ConfigError(path, f"must be True or False (got {v!r})")
+  return v
+
+
+def _get(c, path: str):
+  node = c
+  for part in path.split("."):
+    try:
+      node = node[part]
+    except (KeyError, AttributeError, TypeError):
+      raise ConfigError(path, "is missing") from None
+  return node
+
+
+def pattern_names(model_cfg) -> list[str]:
+  return [p.strip() for p in str(model_cfg.pattern).split(",") if p.strip()]
+
+
+def mesh_shape(mesh_cfg, num_devices: int) -> dict[str, int]:
+  """Resolves -1 axes; raises ConfigError when the mesh does not match the devices."""
+  axes = {"data": mesh_cfg.data, "fsdp": mesh_cfg.fsdp, "tensor": mesh_cfg.tensor}
+  unknown = [k for k, v in axes.items() if v == -1]
+  if len(unknown) > 1:
+    raise ConfigError(f"mesh.{unknown[1]}", "at most one mesh axis may be -1")
+  fixed = math.prod(v for v in axes.values() if v != -1)
+  if unknown:
+    if num_devices % fixed:
+      raise ConfigError(f"mesh.{unknown[0]}",
+                        f"{num_devices} devices are not divisible by the other axes ({fixed})")
+    axes[unknown[0]] = num_devices // fixed
+  elif fixed > num_devices:
+    raise ConfigError("mesh", f"data*fsdp*tensor = {fixed} > {num_devices} available devices")
+  return axes
+
+
+def validate(c: ml_collections.ConfigDict, *, num_devices: int | None = None) -> None:
+  """Checks every field; raises ConfigError(dotted field, allowed values) on the first bad one."""
+  for section in ("data", "model", "train", "eval", "mesh"):
+    if not isinstance(c.get(section), ml_collections.ConfigDict):
+      raise ConfigError(section, "section is missing")
+  _int(c, "seed", min_value=0)
+
+  # data
+  task = _choice(c, "data.task", TASKS)
+  _int(c, "data.batch_size", min_value=1)
+  if task == "mqar":
+    _int(c, "data.vocab_size", min_value=1)
+    _int(c, "data.seq_len", min_value=1)
+    _int(c, "data.num_kv_pairs", min_value=1)
+    _float(c, "data.power_a", lo=0.0, hi=1.0, lo_open=True)
+    _bool(c, "data.random_non_queries")
+    from lcm.data.tasks import mqar  # pylint: disable=g-import-not-at-top
+    try:
+      mqar.MQARConfig(vocab_size=c.data.vocab_size, seq_len=c.data.seq_len,
+                      num_kv_pairs=c.data.num_kv_pairs, power_a=c.data.power_a,
+                      random_non_queries=c.data.random_non_queries).validate()
+    except ConfigError as e:
+      raise ConfigError(f"data.{e.field}", str(e).split(": ", 1)[-1]) from None
+
+  # model
+  m = c.model
+  vocab = _int(c, "model.vocab_size", min_value=2)
+  if vocab < c.data.vocab_size:
+    raise ConfigError("model.vocab_size",
+                      f"must be >= data.vocab_size={c.data.vocab_size} (got {vocab})")
+  d_model = _int(c, "model.d_model", min_value=1)
+  num_layers = _int(c, "model.num_layers", min_value=1)
+  names = pattern_names(m)
+  if not names:
+    raise ConfigError("model.pattern", "must name at least one mixer, e.g. 'attention' or "
+                      f"'gla,gla,swa'; registered: {', '.join(registry.names())}")
+  for name in names:
+    if name not in registry.names():
+      raise ConfigError("model.pattern", f"unknown mixer '{name}'; choose from "
+                        f"{', '.join(registry.names())}")
+  if num_layers % len(names):
+    raise ConfigError("model.num_layers", f"must be a multiple of the pattern length "
+                      f"{len(names)} (pattern {m.pattern!r}, got {num_layers})")
+  _float(c, "model.mlp_ratio", lo=0.0)
+  _choice(c, "model.dtype", DTYPES)
+  _choice(c, "model.param_dtype", ("float32",))
+  _bool(c, "model.remat")
+  _bool(c, "model.scan_layers")
+  _bool(c, "model.tie_embeddings")
+  _float(c, "model.norm_eps", lo=0.0, lo_open=True)
+  if not isinstance(m.mixers, ml_collections.ConfigDict):
+    raise ConfigError("model.mixers", "must be a ConfigDict of mixer name -> overrides")
+  for name, overrides in m.mixers.items():
+    if name not in registry.names():
+      raise ConfigError(f"model.mixers.{name}", f"unknown mixer; choose from "
+                        f"{', '.join(registry.names())}")
+    registry.validate(name, d_model, dict(overrides), prefix=f"model.mixers.{name}.")
+  for name in names:
+    if name not in m.mixers:
+      registry.validate(name, d_model, {}, prefix=f"model.mixers.{name}.")
+
+  # train
+  steps = _int(c, "train.steps", min_value=1)
+  _float(c, "train.lr", lo=0.0, lo_open=True, hi=10.0)
+  warmup = _int(c, "train.warmup_steps", min_value=0)
+  if warmup > steps:
+    raise ConfigError("train.warmup_steps", f"must be <= train.steps={steps} (got {warmup})")
+  _float(c, "train.min_lr_ratio", lo=0.0, hi=1.0)
+  _float(c, "train.weight_decay", lo=0.0)
+  _float(c, "train.b1", lo=0.0, hi=1.0, hi_open=True)
+  _float(c, "train.b2", lo=0.0, hi=1.0, hi_open=True)
+  _float(c, "train.eps", lo=0.0, lo_open=True)
+  _float(c, "train.grad_clip", lo=0.0)
+  for tag, group in c.train.param_groups.items():
+    for key, value in group.items():
+      path = f"train.param_groups.{tag}.{key}"
+      if key not in ("lr", "weight_decay"):
+        raise ConfigError(path, "unknown key; allowed: lr, weight_decay")
+      _float(c, path, lo=0.0)
+  for k in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
+    _int(c, f"train.{k}", min_value=1)
+  _bool(c, "train.async_checkpoint")
+  _choice(c, "train.nan_policy", NAN_POLICIES)
+  _bool(c, "train.progress")
+
+  # eval
+  _int(c, "eval.seed", min_value=0)
+  if c.eval.seed == c.seed:
+    raise ConfigError("eval.seed", f"must differ from seed={c.seed} so eval is held out")
+  n = _int(c, "eval.num_examples", min_value=1)
+  b = _int(c, "eval.batch_size", min_value=1)
+  if n % b:
+    raise ConfigError("eval.num_examples",
+                      f"must be a multiple of eval.batch_size={b} (got {n})")
+
+  # mesh
+  for axis in ("data", "fsdp", "tensor"):
+    _int(c, f"mesh.{axis}", min_value=1, allow=(-1,))
+  if num_devices is not None:
+    shape = mesh_shape(c.mesh, num_devices)
+    batch_shards = shape["data"] * shape["fsdp"]
+    if c.data.batch_size % batch_shards:
+      raise ConfigError("data.batch_size", f"must be divisible by mesh data*fsdp = "
+                        f"{batch_shards} (got {c.data.batch_size})")
+    if c.eval.batch_size % batch_shards:
+      raise ConfigError("eval.batch_size", f"must be divisible by mesh data*fsdp = "
+                        f"{batch_shards} (got {c.eval.batch_size})")

@@ -1,0 +1,169 @@
+"""Decoder LM: embed -> groups of pre-norm blocks (norm, mixer, norm, SwiGLU) -> norm -> head.
+
+The block pattern (``model.pattern``, e.g. ``"gla,gla,swa"``) is one *group*; the group is
+repeated ``num_layers / len(pattern)`` times. With ``scan_layers`` the repeated groups are
+created with ``nnx.vmap`` (parameters stacked on a leading ``layers`` axis) and run with
+``nnx.scan`` (+ ``nnx.remat``), so compile time does not grow with depth.
+
+The LM has the same three forms as its mixers:
+  logits = lm(tokens, segment_ids)             # [B, T] -> [B, T, V] (fp32)
+  state = lm.init_state(batch, max_len=...)     # stacked per-group mixer states
+  logits, state = lm.step(tokens, state)        # [B, t] -> [B, t, V]
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from layers.common import Linear, RMSNorm, SwiGLU, param
+from lcm import registry
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def _embed_init(key, shape, dtype):
+  return jax.random.normal(key, shape, jnp.float32).astype(dtype)
+
+
+class Block(nnx.Module):
+  """x + mixer(norm(x)); x + mlp(norm(x))."""
+
+  def __init__(self, name: str, cfg, *, rngs: nnx.Rngs):
+    dtype, pdtype = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
+    d = cfg.d_model
+    overrides = dict(cfg.mixers[name]) if name in cfg.mixers else {}
+    self.norm1 = RMSNorm(d, eps=cfg.norm_eps, dtype=dtype, param_dtype=pdtype, rngs=rngs)
+    self.mixer = registry.create(name, d_model=d, rngs=rngs, dtype=dtype, param_dtype=pdtype,
+                                 **overrides)
+    hidden = int(round(cfg.mlp_ratio * d))
+    if hidden > 0:
+      self.norm2 = RMSNorm(d, eps=cfg.norm_eps, dtype=dtype, param_dtype=pdtype, rngs=rngs)
+      self.mlp = SwiGLU(d, hidden, dtype=dtype, param_dtype=pdtype, rngs=rngs)
+    else:
+      self.norm2 = self.mlp = None
+
+  def _mlp(self, x):
+    return x if self.mlp is None else x + self.mlp(self.norm2(x))
+
+  def __call__(self, x, segment_ids=None):
+    return self._mlp(x + self.mixer(self.norm1(x), segment_ids=segment_ids))
+
+  def step(self, x, state):
+    y, state = self.mixer.step(self.norm1(x), state)
+    return self._mlp(x + y), state
+
+
+class Group(nnx.Module):
+  """One repetition of the mixer pattern."""
+
+  def __init__(self, cfg, names: list[str], *, rngs: nnx.Rngs):
+    self.blocks = nnx.List([Block(n, cfg, rngs=rngs) for n in names])
+
+  def __call__(self, x, segment_ids=None):
+    for b in self.blocks:
+      x = b(x, segment_ids)
+    return x
+
+  def init_state(self, batch, dtype, max_len):
+    return [b.mixer.init_state(batch, dtype, max_len=max_len) for b in self.blocks]
+
+  def step(self, x, states):
+    new = []
+    for b, s in zip(self.blocks, states):
+      x, s = b.step(x, s)
+      new.append(s)
+    return x, new
+
+  def state_size(self, batch, max_len):
+    return sum(b.mixer.state_size(batch, max_len=max_len) for b in self.blocks)
+
+
+class LM(nnx.Module):
+  """Decoder-only language model built from a mixer pattern (a validated ``config.model``)."""
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs):
+    names = [p.strip() for p in str(cfg.pattern).split(",") if p.strip()]
+    # Only hashable, static facts are kept (they end up in the graphdef).
+    self.pattern = tuple(names)
+    self.d_model = int(cfg.d_model)
+    self.mixer_overrides = tuple(
+        (n, tuple(sorted(dict(cfg.mixers[n]).items())) if n in cfg.mixers else ())
+        for n in names)
+    self.num_groups = cfg.num_layers // len(names)
+    self.scan_layers = bool(cfg.scan_layers)
+    self.remat = bool(cfg.remat)
+    self.dtype = DTYPES[cfg.dtype]
+    pdtype = DTYPES[cfg.param_dtype]
+    d, v = cfg.d_model, cfg.vocab_size
+    self.embed = param(rngs, _embed_init, (v, d), ("vocab", "embed"), pdtype)
+    if self.scan_layers:
+      @nnx.split_rngs(splits=self.num_groups)
+      @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+      def make(r):
+        return Group(cfg, names, rngs=r)
+      self.groups = make(rngs)
+    else:
+      self.groups = nnx.List([Group(cfg, names, rngs=rngs) for _ in range(self.num_groups)])
+    self.norm = RMSNorm(d, eps=cfg.norm_eps, dtype=self.dtype, param_dtype=pdtype, rngs=rngs)
+    self.head = None if cfg.tie_embeddings else Linear(
+        d, v, ("embed", "vocab"), dtype=self.dtype, param_dtype=pdtype, rngs=rngs)
+
+  def _embed(self, tokens):
+    return jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
+
+  def _logits(self, x):
+    x = self.norm(x)
+    if self.head is None:
+      w = self.embed[...].astype(self.dtype)
+      logits = jnp.einsum("btd,vd->btv", x, w)
+    else:
+      logits = self.head(x)
+    return logits.astype(jnp.float32)
+
+  def __call__(self, tokens, segment_ids=None):
+    x = self._embed(tokens)
+    if self.scan_layers:
+      def body(group, h):
+        return group(h, segment_ids)
+      if self.remat:
+        body = nnx.remat(body)
+      x = nnx.scan(body, in_axes=(0, nnx.Carry), out_axes=nnx.Carry,
+                   transform_metadata={nnx.PARTITION_NAME: "layers"})(self.groups, x)
+    else:
+      for g in self.groups:
+        x = (nnx.remat(lambda gg, h: gg(h, segment_ids)) if self.remat
+             else (lambda gg, h: gg(h, segment_ids)))(g, x)
+    return self._logits(x)
+
+  def init_state(self, batch: int, dtype=jnp.float32, *, max_len: int | None = None):
+    if self.scan_layers:
+      return nnx.vmap(lambda g: g.init_state(batch, dtype, max_len), in_axes=0, out_axes=0,
+                      transform_metadata={nnx.PARTITION_NAME: "layers"})(self.groups)
+    return [g.init_state(batch, dtype, max_len) for g in self.groups]
+
+  def step(self, tokens, state):
+    x = self._embed(tokens)
+    if self.scan_layers:
+      def body(group, h, s):
+        return group.step(h, s)
+      x, state = nnx.scan(body, in_axes=(0, nnx.Carry, 0), out_axes=(nnx.Carry, 0),
+                          transform_metadata={nnx.PARTITION_NAME: "layers"})(
+                              self.groups, x, state)
+    else:
+      new = []
+      for g, s in zip(self.groups, state):
+        x, s = g.step(x, s)
+        new.append(s)
+      state = new
+    return self._logits(x), state
+
+  def state_size(self, batch: int, *, max_len: int | None = None) -> int:
+    """Recurrent-state elements of the whole model (sum of every mixer's ``state_size``)."""
+    total = 0
+    for n, overrides in self.mixer_overrides:
+      mixer = nnx.eval_shape(lambda n=n, o=dict(overrides): registry.create(
+          n, d_model=self.d_model, rngs=nnx.Rngs(0), **o))
+      total += mixer.state_size(batch, max_len=max_len)
+    return total * self.num_groups

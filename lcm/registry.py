@@ -1,0 +1,98 @@
+"""Mixer registry: name -> layer class. The only place in lcm that knows every layer.
+
+Every registered class follows the mixer contract (DESIGN.md) and is built the same way::
+
+    cls.Config                 a frozen dataclass of hyper-parameters with defaults,
+    cls.Config.validate(d_model)   raises layers.common.ConfigError(field, message),
+    cls(d_model, cfg, *, dtype, param_dtype, rngs)
+
+Layer modules are imported lazily (``importlib``) the first time a name is used, so adding a
+layer family is one line in ``_TABLE``: ``name: (module path, class name, default overrides)``.
+The default overrides give one class several registered names (``swa`` is ``attention`` with a
+window).
+
+    from lcm import registry
+    registry.names()                                    # ['attention', 'swa', ...]
+    mixer = registry.create("swa", d_model=64, rngs=nnx.Rngs(0), window=128)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+from flax import nnx
+
+from layers.common import ConfigError
+
+# name -> (module, class, default overrides of the class's Config)
+_TABLE: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "attention": ("layers.attention", "Attention", {}),
+    "swa": ("layers.attention", "Attention", {"window": 64}),
+}
+
+
+def names() -> list[str]:
+  """All registered mixer names, in registration order."""
+  return list(_TABLE)
+
+
+def _entry(name: str) -> tuple[str, str, dict[str, Any]]:
+  if not isinstance(name, str) or name not in _TABLE:
+    raise ConfigError("mixer", f"unknown mixer {name!r}; choose one of: {', '.join(names())}")
+  return _TABLE[name]
+
+
+def get(name: str) -> type:
+  """The layer class registered as ``name``."""
+  module, cls_name, _ = _entry(name)
+  return getattr(importlib.import_module(module), cls_name)
+
+
+def _config_defaults(name: str) -> dict[str, Any]:
+  _, _, defaults = _entry(name)
+  cls = get(name)
+  base = {f.name: getattr(cls.Config(), f.name) for f in dataclasses.fields(cls.Config)}
+  base.update(defaults)
+  return base
+
+
+def config_fields(name: str) -> dict[str, Any]:
+  """The mixer's Config fields and their defaults (after this registry's per-name defaults)."""
+  return dict(_config_defaults(name))
+
+
+def _build_config(name: str, d_model: int, overrides: Mapping[str, Any], prefix: str):
+  cls = get(name)
+  fields = _config_defaults(name)
+  for key in overrides:
+    if key not in fields:
+      raise ConfigError(f"{prefix}{key}", f"unknown field for mixer '{name}'; allowed: "
+                        f"{', '.join(fields)}")
+  cfg = cls.Config(**{**fields, **dict(overrides)})
+  try:
+    cfg.validate(d_model)
+  except ConfigError as e:
+    # Prefix the mixer's own fields; anything else (d_model) is named as the layer named it.
+    field = f"{prefix}{e.field}" if e.field in fields else e.field
+    message = str(e)[len(e.field) + 2:] if str(e).startswith(f"{e.field}: ") else str(e)
+    raise ConfigError(field, message) from None
+  return cls, cfg
+
+
+def validate(name: str, d_model: int, overrides: Mapping[str, Any], *, prefix: str = "") -> None:
+  """Checks a mixer name, its override keys and values without building anything.
+
+  Unknown name -> ConfigError("mixer", ...); unknown override key -> ConfigError(prefix + key,
+  ...); a bad value -> the Config's own error with its field prefixed by ``prefix``.
+  """
+  _build_config(name, d_model, overrides, prefix)
+
+
+def create(name: str, *, d_model: int, rngs: nnx.Rngs, dtype=jnp.float32,
+           param_dtype=jnp.float32, **overrides: Any) -> nnx.Module:
+  """Builds mixer ``name`` with its defaults, updated by ``overrides`` (its Config fields)."""
+  cls, cfg = _build_config(name, d_model, overrides, "")
+  return cls(d_model, cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)

@@ -1,0 +1,109 @@
+"""Mesh from config, the one table of logical axis rules, multi-host initialisation.
+
+Parameters carry logical axis names (``out_sharding`` metadata set by
+``layers.common.param``); :data:`LOGICAL_RULES` maps them to the mesh axes
+``data``, ``fsdp``, ``tensor``. A logical axis whose mesh axes do not divide the
+dimension is replicated instead (so tiny test models still run on big meshes).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from lcm import config as config_lib
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical axis -> mesh axis (or tuple of mesh axes, or None = replicated).
+LOGICAL_RULES: dict[str, Any] = {
+    "batch": ("data", "fsdp"),
+    "embed": "fsdp",
+    "vocab": "tensor",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "mlp": "tensor",
+    "head_dim": None,
+    "state": None,
+    "conv": None,
+    "seq": None,
+    "layers": None,
+}
+
+
+def maybe_initialize_distributed() -> bool:
+  """Calls jax.distributed.initialize() only when the launch environment asks for it.
+
+  Triggers: LCM_COORDINATOR (host:port) with LCM_NUM_PROCESSES and LCM_PROCESS_ID, or a
+  cluster environment JAX detects by itself (JAX_COORDINATOR_ADDRESS, SLURM, TPU pod
+  metadata with LCM_DISTRIBUTED=1).
+  """
+  if jax.distributed.is_initialized():
+    return True
+  if "LCM_COORDINATOR" in os.environ:
+    jax.distributed.initialize(
+        coordinator_address=os.environ["LCM_COORDINATOR"],
+        num_processes=int(os.environ["LCM_NUM_PROCESSES"]),
+        process_id=int(os.environ["LCM_PROCESS_ID"]))
+    return True
+  if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("LCM_DISTRIBUTED") == "1":
+    jax.distributed.initialize()
+    return True
+  return False
+
+
+def make_mesh(mesh_cfg, devices=None) -> Mesh:
+  """A (data, fsdp, tensor) mesh with Auto axis types over ``devices`` (default: all)."""
+  devices = list(jax.devices() if devices is None else devices)
+  shape = config_lib.mesh_shape(mesh_cfg, len(devices))
+  n = math.prod(shape.values())
+  dev = np.asarray(devices[:n]).reshape(tuple(shape[a] for a in MESH_AXES))
+  return Mesh(dev, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
+def logical_to_spec(axes, shape, mesh: Mesh) -> P:
+  """PartitionSpec for a value with logical ``axes`` and ``shape`` on ``mesh``."""
+  if axes is None:
+    return P()
+  used: set[str] = set()
+  spec = []
+  for name, dim in zip(axes, shape):
+    target = LOGICAL_RULES.get(name) if name is not None else None
+    if target is None:
+      spec.append(None)
+      continue
+    targets = (target,) if isinstance(target, str) else tuple(target)
+    targets = tuple(t for t in targets if t not in used and mesh.shape[t] > 1)
+    size = math.prod(mesh.shape[t] for t in targets)
+    if not targets or dim % size:
+      spec.append(None)
+      continue
+    used.update(targets)
+    spec.append(targets[0] if len(targets) == 1 else targets)
+  return P(*spec)
+
+
+def _is_var(x) -> bool:
+  return isinstance(x, nnx.Variable)
+
+
+def state_shardings(state, mesh: Mesh):
+  """NamedShardings (a pure dict) for an nnx.State of Variables, from their logical axes."""
+  def one(v):
+    axes = v.get_metadata().get("out_sharding")
+    return NamedSharding(mesh, logical_to_spec(axes, v.shape, mesh))
+  return jax.tree.map(one, state, is_leaf=_is_var).to_pure_dict()
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(("data", "fsdp")))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())

@@ -1,0 +1,344 @@
+"""Trainer: validated config -> sharded jit train step, eval, Orbax checkpoints, metrics.
+
+Usage (Colab or script)::
+
+    from lcm import train
+    summary = train.run(config, workdir="runs/x")
+
+A run resumes automatically when ``workdir/checkpoints`` holds a checkpoint: model,
+optimizer, step and data-iterator position are restored, so the continued run is
+bitwise identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from lcm import checkpoint as ckpt_lib
+from lcm import config as config_lib
+from lcm import metrics as metrics_lib
+from lcm import model as model_lib
+from lcm import sharding as sharding_lib
+from lcm.data import pipeline
+
+DEFAULT_LABEL = "default"
+
+
+class NonFiniteError(RuntimeError):
+  """The loss or gradients became NaN/Inf; the last good checkpoint is kept."""
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+
+def param_labels(params: nnx.State, param_groups) -> dict:
+  """Optimizer group of each parameter: its ``optim_tag`` when the config has that group."""
+  groups = set(param_groups.keys())
+
+  def one(v):
+    tag = v.get_metadata().get("optim_tag")
+    return tag if tag in groups else DEFAULT_LABEL
+  return jax.tree.map(one, params, is_leaf=lambda x: isinstance(x, nnx.Variable)).to_pure_dict()
+
+
+def lr_schedule(train_cfg) -> optax.Schedule:
+  """Linear warmup to ``lr`` then cosine decay to ``lr * min_lr_ratio``."""
+  lr, warmup, steps = train_cfg.lr, train_cfg.warmup_steps, train_cfg.steps
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=lr, warmup_steps=warmup,
+      decay_steps=max(steps, warmup + 1), end_value=lr * train_cfg.min_lr_ratio)
+
+
+def build_optimizer(train_cfg, labels) -> optax.GradientTransformation:
+  """AdamW with global-norm clipping; per-tag groups cap the lr and set weight decay."""
+  base = lr_schedule(train_cfg)
+  groups = {DEFAULT_LABEL: {}}
+  groups.update({k: dict(v) for k, v in train_cfg.param_groups.items()})
+  transforms = {}
+  for name, g in groups.items():
+    cap = g.get("lr")
+    sched = base if cap is None else (lambda s, cap=cap: jnp.minimum(base(s), cap))
+    transforms[name] = optax.adamw(
+        sched, b1=train_cfg.b1, b2=train_cfg.b2, eps=train_cfg.eps,
+        weight_decay=g.get("weight_decay", train_cfg.weight_decay))
+  tx = optax.multi_transform(transforms, labels)
+  if train_cfg.grad_clip > 0:
+    tx = optax.chain(optax.clip_by_global_norm(train_cfg.grad_clip), tx)
+  return tx
+
+
+def _key(k) -> str:
+  return str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+
+
+def like_params(tree, param_shardings, default):
+  """Shardings for an optimizer-state tree: a leaf whose key path ends with a parameter's
+  path (Adam's mu/nu, ...) gets that parameter's sharding; anything else ``default``."""
+  by_path = {tuple(_key(k) for k in path): s for path, s in
+             jax.tree_util.tree_leaves_with_path(param_shardings)}
+  depth = max(len(p) for p in by_path)
+
+  def one(path, leaf):
+    keys = tuple(_key(k) for k in path)
+    for n in range(min(depth, len(keys)), 0, -1):
+      s = by_path.get(keys[-n:])
+      if s is not None and len(s.spec) <= len(leaf.shape):
+        return s
+    return default
+  return jax.tree_util.tree_map_with_path(one, tree)
+
+
+# ----------------------------------------------------------------------------- loss
+
+
+def loss_and_metrics(logits, batch):
+  """Masked next-token cross-entropy and accuracy (fp32)."""
+  targets, mask = batch["targets"], batch["loss_mask"].astype(jnp.float32)
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+  denom = jnp.maximum(mask.sum(), 1.0)
+  return (nll * mask).sum() / denom, {
+      "nll_sum": (nll * mask).sum(), "correct_sum": (correct * mask).sum(),
+      "count": mask.sum()}
+
+
+# ----------------------------------------------------------------------------- trainer
+
+
+@dataclasses.dataclass
+class Summary:
+  eval_accuracy: float
+  eval_loss: float
+  steps: int
+  tokens_per_second: float
+  wall_seconds: float
+  config: dict
+  train_loss: float | None = None
+  num_params: int = 0
+  state_size: int = 0
+  resumed_from: int | None = None
+
+
+class Trainer:
+  """Holds the mesh, the split model, the optimizer and the jitted pure steps."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str | None = None, *,
+               devices=None):
+    devices = list(jax.devices() if devices is None else devices)
+    config_lib.validate(config, num_devices=len(devices))
+    self.config = config
+    self.workdir = workdir
+    self.mesh = sharding_lib.make_mesh(config.mesh, devices)
+    cfg = config.model
+
+    def make_model():
+      return model_lib.LM(cfg, rngs=nnx.Rngs(params=config.seed))
+
+    abstract = nnx.eval_shape(make_model)
+    self.graphdef, abs_params, abs_rest = nnx.split(abstract, nnx.Param, ...)
+    if jax.tree.leaves(abs_rest):
+      raise ValueError("the model has non-parameter state, which lcm.train does not handle")
+    self.param_shardings = sharding_lib.state_shardings(abs_params, self.mesh)
+    self.labels = param_labels(abs_params, config.train.param_groups)
+    self.tx = build_optimizer(config.train, self.labels)
+    self.batch_sharding = sharding_lib.batch_sharding(self.mesh)
+    self.replicated = sharding_lib.replicated(self.mesh)
+    self.num_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(abs_params)))
+
+    def init_params():
+      return nnx.state(make_model(), nnx.Param).to_pure_dict()
+    self._init_params = jax.jit(init_params, out_shardings=self.param_shardings)
+    abs_opt = jax.eval_shape(self.tx.init, abs_params.to_pure_dict())
+    self.opt_shardings = like_params(abs_opt, self.param_shardings, self.replicated)
+    self._init_opt = jax.jit(self.tx.init, out_shardings=self.opt_shardings)
+
+    nan_skip = config.train.nan_policy == "skip"
+    graphdef, tx = self.graphdef, self.tx
+
+    def apply(params, batch):
+      model = nnx.merge(graphdef, params)
+      return model(batch["inputs"], batch.get("segment_ids"))
+
+    def train_step(params, opt_state, batch):
+      def loss_fn(p):
+        loss, aux = loss_and_metrics(apply(p, batch), batch)
+        return loss, aux
+      (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+      gnorm = optax.global_norm(grads)
+      finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
+      updates, new_opt = tx.update(grads, opt_state, params)
+      new_params = optax.apply_updates(params, updates)
+      # A non-finite step never changes the state; the host stops (or skips) on it.
+      keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+      new_params, new_opt = keep(new_params, params), keep(new_opt, opt_state)
+      metrics = {"loss": loss, "accuracy": aux["correct_sum"] / jnp.maximum(aux["count"], 1),
+                 "grad_norm": gnorm, "finite": finite}
+      return new_params, new_opt, metrics
+    del nan_skip
+
+    def eval_step(params, batch):
+      _, aux = loss_and_metrics(apply(params, batch), batch)
+      return aux
+
+    self.train_step = jax.jit(
+        train_step,
+        in_shardings=(self.param_shardings, self.opt_shardings, self.batch_sharding),
+        out_shardings=(self.param_shardings, self.opt_shardings, self.replicated),
+        donate_argnums=(0, 1))
+    self.eval_step = jax.jit(
+        eval_step, in_shardings=(self.param_shardings, self.batch_sharding),
+        out_shardings=self.replicated)
+
+  # -- state
+
+  def init_state(self):
+    params = self._init_params()
+    return params, self._init_opt(params)
+
+  def abstract_state(self):
+    abs_params = jax.eval_shape(self._init_params)
+    abs_opt = jax.eval_shape(self.tx.init, abs_params)
+    return {
+        "params": ckpt_lib.abstract_like(abs_params, self.param_shardings),
+        "opt_state": ckpt_lib.abstract_like(abs_opt, self.opt_shardings),
+        "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=self.replicated),
+    }
+
+  # -- data
+
+  def global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    return {k: jax.make_array_from_process_local_data(self.batch_sharding, v)
+            for k, v in local.items()}
+
+  def train_iterator(self):
+    c = self.config
+    return pipeline.train_iterator(
+        c.data, seed=c.seed, global_batch_size=c.data.batch_size,
+        process_index=jax.process_index(), process_count=jax.process_count())
+
+  def evaluate(self, params) -> dict[str, float]:
+    c = self.config
+    batches = pipeline.eval_batches(
+        c.data, seed=c.eval.seed, num_examples=c.eval.num_examples,
+        batch_size=c.eval.batch_size, process_index=jax.process_index(),
+        process_count=jax.process_count())
+    totals = None
+    for b in batches:
+      aux = self.eval_step(params, self.global_batch(b))
+      totals = aux if totals is None else jax.tree.map(jnp.add, totals, aux)
+    totals = jax.device_get(totals)
+    count = max(float(totals["count"]), 1.0)
+    return {"loss": float(totals["nll_sum"]) / count,
+            "accuracy": float(totals["correct_sum"]) / count}
+
+
+def _json_config(config) -> dict:
+  return json.loads(config.to_json_best_effort())
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> dict[str, Any]:
+  """Trains (or resumes) the experiment in ``config`` in ``workdir``; returns the summary."""
+  t_start = time.time()
+  trainer = Trainer(config, workdir, devices=devices)
+  c = config
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+      json.dump(_json_config(c), f, indent=2)
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                               keep=c.train.keep_checkpoints,
+                               async_save=c.train.async_checkpoint)
+  it = trainer.train_iterator()
+  latest = ckpt.latest_step()
+  if latest is not None:
+    restored = ckpt.restore(latest, trainer.abstract_state(), it)
+    params, opt_state = restored["params"], restored["opt_state"]
+    start = int(restored["step"])
+  else:
+    params, opt_state = trainer.init_state()
+    start = 0
+  writer = metrics_lib.MetricsWriter(workdir)
+  progress = metrics_lib.Progress(c.train.steps, start, enabled=c.train.progress)
+  if latest is not None:
+    progress.write(f"Resumed from step {start} in {ckpt.directory}")
+  tokens_per_step = c.data.batch_size * c.data.seq_len
+  pending: list[tuple[int, dict]] = []
+  last_train_loss = None
+  timed_steps, timed_seconds, t_first = 0, 0.0, None
+  eval_metrics = None
+
+  def flush():
+    nonlocal last_train_loss, pending
+    for s, m in jax.device_get(pending):
+      if not bool(m["finite"]):
+        msg = (f"non-finite loss or gradient at step {s} (loss={float(m['loss'])}, "
+               f"grad_norm={float(m['grad_norm'])}); the update was not applied")
+        if c.train.nan_policy == "stop":
+          raise NonFiniteError(msg + f"; last good checkpoint: step {ckpt.latest_step()}")
+        progress.write("skipping: " + msg)
+      row = {k: float(v) for k, v in m.items() if k != "finite"}
+      writer.write(s, row)
+      last_train_loss = row["loss"]
+    pending = []
+
+  try:
+    for step in range(start, c.train.steps):
+      batch = trainer.global_batch(next(it))
+      params, opt_state, m = trainer.train_step(params, opt_state, batch)
+      done = step + 1
+      pending.append((done, m))
+      if t_first is None:
+        jax.block_until_ready(m)
+        t_first = time.time()
+      if done % c.train.log_every == 0 or done == c.train.steps:
+        flush()
+        if t_first is not None and done > start + 1:
+          timed_steps, timed_seconds = done - start - 1, time.time() - t_first
+        tps = tokens_per_step * timed_steps / max(timed_seconds, 1e-9) if timed_steps else 0.0
+        progress.update(done - progress_n(progress, start), loss=last_train_loss,
+                        tok_s=round(tps))
+      if done % c.train.eval_every == 0 or done == c.train.steps:
+        eval_metrics = trainer.evaluate(params)
+        writer.write(done, eval_metrics, split="eval")
+        progress.write(f"step {done}: eval loss {eval_metrics['loss']:.4f} "
+                       f"accuracy {eval_metrics['accuracy']:.4f}")
+      if done % c.train.checkpoint_every == 0 or done == c.train.steps:
+        flush()  # never checkpoint a state after an unchecked step
+        ckpt.save(done, {"params": params, "opt_state": opt_state,
+                         "step": jnp.asarray(done, jnp.int32)}, it)
+    flush()
+    if eval_metrics is None:  # resumed at the end: evaluate the restored model
+      eval_metrics = trainer.evaluate(params)
+  finally:
+    ckpt.close()
+    progress.close()
+    writer.close()
+
+  tps = tokens_per_step * timed_steps / timed_seconds if timed_seconds > 0 else 0.0
+  summary = Summary(
+      eval_accuracy=eval_metrics["accuracy"], eval_loss=eval_metrics["loss"],
+      steps=c.train.steps, tokens_per_second=tps, wall_seconds=time.time() - t_start,
+      config=_json_config(c), train_loss=last_train_loss, num_params=trainer.num_params,
+      resumed_from=start if latest is not None else None)
+  out = dataclasses.asdict(summary)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
+      json.dump(out, f, indent=2)
+  return out
+
+
+def progress_n(progress: metrics_lib.Progress, start: int) -> int:
+  bar = getattr(progress, "_bar", None)
+  return bar.n if bar is not None else start

@@ -1,0 +1,169 @@
+"""The mixer contract (DESIGN.md), checked for every name in lcm.registry.
+
+A layer family registered later inherits these tests. Per-mixer overrides (small enough to
+be fast, chosen so that the interesting mechanism actually acts at T=12, e.g. a window
+shorter than the sequence) go in OVERRIDES; unknown names use their registry defaults.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lcm import registry
+
+B, T, D = 2, 12, 16
+CHUNKS = (5, 1, 6)
+DOC_A, DOC_B = 5, 7  # packed row: document 1 then document 2, DOC_A + DOC_B == T
+
+OVERRIDES = {
+    "attention": {"num_heads": 2},
+    "swa": {"num_heads": 4, "num_kv_heads": 2, "window": 4},
+}
+
+
+def _accepts(fn, kwarg: str) -> bool:
+  return kwarg in inspect.signature(fn).parameters
+
+
+def _init_state(mixer, batch: int, max_len: int | None = None):
+  if max_len is not None and _accepts(mixer.init_state, "max_len"):
+    return mixer.init_state(batch, jnp.float32, max_len=max_len)
+  return mixer.init_state(batch, jnp.float32)
+
+
+def _tol(y) -> float:
+  return 1e-5 * max(1.0, float(jnp.max(jnp.abs(y))))
+
+
+class Compiled:
+  """One mixer with its forward / step / grad jitted once (shared by this module's tests)."""
+
+  def __init__(self, name: str):
+    self.name = name
+    self.mixer = registry.create(name, d_model=D, rngs=nnx.Rngs(0), **OVERRIDES.get(name, {}))
+    graphdef, params = nnx.split(self.mixer)
+    self.params = params
+
+    def fwd(p, x, seg):
+      return nnx.merge(graphdef, p)(x, segment_ids=seg)
+
+    def step(p, x, state):
+      return nnx.merge(graphdef, p).step(x, state)
+
+    def loss(p, x):
+      return jnp.sum(fwd(p, x, None))
+
+    self._fwd = jax.jit(fwd)
+    self._step = jax.jit(step)
+    self._grad = jax.jit(jax.grad(loss, argnums=1))
+
+  def fwd(self, x, seg=None):
+    return self._fwd(self.params, x, seg)
+
+  def step(self, x, state):
+    return self._step(self.params, x, state)
+
+  def grad(self, x):
+    return self._grad(self.params, x)
+
+  def run_chunks(self, x, sizes):
+    state = _init_state(self.mixer, x.shape[0], max_len=x.shape[1])
+    ys, start = [], 0
+    for n in sizes:
+      y, state = self.step(x[:, start:start + n], state)
+      ys.append(y)
+      start += n
+    assert start == x.shape[1]
+    return jnp.concatenate(ys, axis=1), state
+
+
+@pytest.fixture(scope="module", params=registry.names())
+def mixer(request):
+  return Compiled(request.param)
+
+
+@pytest.fixture(scope="module")
+def x():
+  return jax.random.normal(jax.random.key(1), (B, T, D), jnp.float32)
+
+
+@pytest.fixture(scope="module")
+def runs(mixer, x):
+  """Parallel output, token-by-token (output, state), chunked (output, state)."""
+  y = mixer.fwd(x)
+  y_tok, s_tok = mixer.run_chunks(x, [1] * T)
+  y_chunk, s_chunk = mixer.run_chunks(x, CHUNKS)
+  return y, (y_tok, s_tok), (y_chunk, s_chunk)
+
+
+def test_parallel_equals_step_token_by_token_and_chunked(mixer, runs):
+  y, (y_tok, _), (y_chunk, _) = runs
+  assert y.shape == (B, T, D)
+  assert float(jnp.std(y)) > 1e-3, "output is (nearly) constant; the test would be vacuous"
+  np.testing.assert_allclose(y_tok, y, atol=_tol(y), rtol=0)
+  np.testing.assert_allclose(y_chunk, y, atol=_tol(y), rtol=0)
+
+
+def test_final_state_independent_of_chunking(mixer, runs):
+  _, (_, s_tok), (_, s_chunk) = runs
+  leaves_tok, tree_tok = jax.tree.flatten(s_tok)
+  leaves_chunk, tree_chunk = jax.tree.flatten(s_chunk)
+  assert tree_tok == tree_chunk
+  assert leaves_tok, "state has no leaves"
+  for a, b in zip(leaves_tok, leaves_chunk):
+    assert a.shape == b.shape and a.dtype == b.dtype
+    np.testing.assert_allclose(a, b, atol=_tol(a), rtol=0)
+  # The state must actually carry the sequence: it differs from the initial state.
+  init = jax.tree.leaves(_init_state(mixer.mixer, B, max_len=T))
+  assert any(not np.array_equal(a, b) for a, b in zip(init, leaves_tok))
+
+
+def test_packed_documents_are_isolated(mixer, x):
+  seg = jnp.array([[0] * DOC_A + [1] * DOC_B] * B, jnp.int32)
+  y = mixer.fwd(x, seg)
+  # Document 2 in the packed row == document 2 run alone (positions restart at 0).
+  y_alone = mixer.fwd(x[:, DOC_A:])
+  np.testing.assert_allclose(y[:, DOC_A:], y_alone, atol=_tol(y), rtol=0)
+  # Changing document 1 does not move document 2's outputs (but does move document 1's).
+  x1 = x.at[:, :DOC_A].set(jax.random.normal(jax.random.key(7), (B, DOC_A, D)))
+  y1 = mixer.fwd(x1, seg)
+  np.testing.assert_allclose(y1[:, DOC_A:], y[:, DOC_A:], atol=_tol(y), rtol=0)
+  assert float(jnp.max(jnp.abs(y1[:, :DOC_A] - y[:, :DOC_A]))) > 1e-3
+  # Changing document 2 does not move document 1's outputs.
+  x2 = x.at[:, DOC_A:].set(jax.random.normal(jax.random.key(8), (B, DOC_B, D)))
+  y2 = mixer.fwd(x2, seg)
+  np.testing.assert_allclose(y2[:, :DOC_A], y[:, :DOC_A], atol=_tol(y), rtol=0)
+  assert float(jnp.max(jnp.abs(y2[:, DOC_A:] - y[:, DOC_A:]))) > 1e-3
+  # Segments matter: without them document 2 would see document 1.
+  y_noseg = mixer.fwd(x)
+  assert float(jnp.max(jnp.abs(y_noseg[:, DOC_A:] - y[:, DOC_A:]))) > 1e-3
+
+
+def _float_elements(state) -> int:
+  return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(state)
+             if jnp.issubdtype(leaf.dtype, jnp.floating))
+
+
+def test_state_size(mixer):
+  m = mixer.mixer
+  s1 = m.state_size(1)
+  s3 = m.state_size(3)
+  assert isinstance(s1, int) and s1 > 0
+  assert s3 == 3 * s1
+  assert s1 == _float_elements(jax.eval_shape(lambda: m.init_state(1, jnp.float32)))
+  assert s3 == _float_elements(jax.eval_shape(lambda: m.init_state(3, jnp.float32)))
+  if _accepts(m.state_size, "max_len"):
+    assert m.state_size(2, max_len=T) == _float_elements(_init_state(m, 2, max_len=T))
+
+
+def test_gradient_is_finite(mixer, x):
+  g = mixer.grad(x)
+  assert g.shape == x.shape
+  assert bool(jnp.all(jnp.isfinite(g)))
+  assert float(jnp.max(jnp.abs(g))) > 0
