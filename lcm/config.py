@@ -35,7 +35,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.batch_size = 64  # global batch
 
   c.model = ml_collections.ConfigDict()
-  c.model.vocab_size = c.data.get_ref("vocab_size")
+  c.model.vocab_size = 0  # 0: data.vocab_size
   c.model.d_model = 64
   c.model.num_layers = 2
   # Comma-separated mixer names; the pattern is repeated num_layers / len(pattern) times.
@@ -82,6 +82,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.data = -1  # -1: all devices not used by the other axes
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
+  return c
+
+
+def resolve(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy with derived fields filled in (model.vocab_size 0 -> data.vocab_size)."""
+  c = ml_collections.ConfigDict(c.to_dict())
+  if not c.model.vocab_size:
+    c.model.vocab_size = c.data.vocab_size
   return c
 
 
@@ -171,17 +179,14 @@ def validate(c: ml_collections.ConfigDict, *, num_devices: int | None = None) ->
     _float(c, "data.power_a", lo=0.0, hi=1.0, lo_open=True)
     _bool(c, "data.random_non_queries")
     from lcm.data.tasks import mqar  # pylint: disable=g-import-not-at-top
-    try:
-      mqar.MQARConfig(vocab_size=c.data.vocab_size, seq_len=c.data.seq_len,
-                      num_kv_pairs=c.data.num_kv_pairs, power_a=c.data.power_a,
-                      random_non_queries=c.data.random_non_queries).validate()
-    except ConfigError as e:
-      raise ConfigError(f"data.{e.field}", str(e).split(": ", 1)[-1]) from None
+    mqar.MQARConfig(vocab_size=c.data.vocab_size, seq_len=c.data.seq_len,
+                    num_kv_pairs=c.data.num_kv_pairs, power_a=c.data.power_a,
+                    random_non_queries=c.data.random_non_queries).validate(prefix="data")
 
   # model
   m = c.model
-  vocab = _int(c, "model.vocab_size", min_value=2)
-  if vocab < c.data.vocab_size:
+  vocab = _int(c, "model.vocab_size", min_value=0)
+  if vocab and vocab < c.data.vocab_size:
     raise ConfigError("model.vocab_size",
                       f"must be >= data.vocab_size={c.data.vocab_size} (got {vocab})")
   d_model = _int(c, "model.d_model", min_value=1)

@@ -70,9 +70,10 @@ class Progress:
       self._bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
                        mininterval=1.0)
 
-  def update(self, n: int = 1, **postfix) -> None:
+  def update(self, done: int, **postfix) -> None:
+    """Moves the bar to step ``done``."""
     if self._bar is not None:
-      self._bar.update(n)
+      self._bar.update(done - self._bar.n)
       if postfix:
         self._bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v)
                                for k, v in postfix.items()}, refresh=False)

@@ -98,7 +98,7 @@ def state_shardings(state, mesh: Mesh):
   def one(v):
     axes = v.get_metadata().get("out_sharding")
     return NamedSharding(mesh, logical_to_spec(axes, v.shape, mesh))
-  return jax.tree.map(one, state, is_leaf=_is_var).to_pure_dict()
+  return nnx.to_pure_dict(jax.tree.map(one, state, is_leaf=_is_var))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

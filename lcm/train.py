@@ -49,7 +49,8 @@ def param_labels(params: nnx.State, param_groups) -> dict:
   def one(v):
     tag = v.get_metadata().get("optim_tag")
     return tag if tag in groups else DEFAULT_LABEL
-  return jax.tree.map(one, params, is_leaf=lambda x: isinstance(x, nnx.Variable)).to_pure_dict()
+  return nnx.to_pure_dict(
+      jax.tree.map(one, params, is_leaf=lambda x: isinstance(x, nnx.Variable)))
 
 
 def lr_schedule(train_cfg) -> optax.Schedule:
@@ -138,6 +139,7 @@ class Trainer:
                devices=None):
     devices = list(jax.devices() if devices is None else devices)
     config_lib.validate(config, num_devices=len(devices))
+    config = config_lib.resolve(config)
     self.config = config
     self.workdir = workdir
     self.mesh = sharding_lib.make_mesh(config.mesh, devices)
@@ -158,13 +160,12 @@ class Trainer:
     self.num_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(abs_params)))
 
     def init_params():
-      return nnx.state(make_model(), nnx.Param).to_pure_dict()
+      return nnx.to_pure_dict(nnx.state(make_model(), nnx.Param))
     self._init_params = jax.jit(init_params, out_shardings=self.param_shardings)
-    abs_opt = jax.eval_shape(self.tx.init, abs_params.to_pure_dict())
+    abs_opt = jax.eval_shape(self.tx.init, nnx.to_pure_dict(abs_params))
     self.opt_shardings = like_params(abs_opt, self.param_shardings, self.replicated)
     self._init_opt = jax.jit(self.tx.init, out_shardings=self.opt_shardings)
 
-    nan_skip = config.train.nan_policy == "skip"
     graphdef, tx = self.graphdef, self.tx
 
     def apply(params, batch):
@@ -176,7 +177,7 @@ class Trainer:
         loss, aux = loss_and_metrics(apply(p, batch), batch)
         return loss, aux
       (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-      gnorm = optax.global_norm(grads)
+      gnorm = optax.tree.norm(grads)
       finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
       updates, new_opt = tx.update(grads, opt_state, params)
       new_params = optax.apply_updates(params, updates)
@@ -186,7 +187,6 @@ class Trainer:
       metrics = {"loss": loss, "accuracy": aux["correct_sum"] / jnp.maximum(aux["count"], 1),
                  "grad_norm": gnorm, "finite": finite}
       return new_params, new_opt, metrics
-    del nan_skip
 
     def eval_step(params, batch):
       _, aux = loss_and_metrics(apply(params, batch), batch)
@@ -202,6 +202,11 @@ class Trainer:
         out_shardings=self.replicated)
 
   # -- state
+
+  def state_size(self) -> int:
+    """Recurrent-state elements per sequence (all layers) at the training length."""
+    model = nnx.merge(self.graphdef, jax.eval_shape(self._init_params))
+    return model.state_size(1, max_len=self.config.data.seq_len)
 
   def init_state(self):
     params = self._init_params()
@@ -252,7 +257,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> dic
   """Trains (or resumes) the experiment in ``config`` in ``workdir``; returns the summary."""
   t_start = time.time()
   trainer = Trainer(config, workdir, devices=devices)
-  c = config
+  c = trainer.config
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
@@ -272,26 +277,32 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> dic
   writer = metrics_lib.MetricsWriter(workdir)
   progress = metrics_lib.Progress(c.train.steps, start, enabled=c.train.progress)
   if latest is not None:
-    progress.write(f"Resumed from step {start} in {ckpt.directory}")
+    progress.write(f"Resumed from step {start} ({ckpt.directory})")
   tokens_per_step = c.data.batch_size * c.data.seq_len
   pending: list[tuple[int, dict]] = []
-  last_train_loss = None
-  timed_steps, timed_seconds, t_first = 0, 0.0, None
+  last_loss = None
+  t_first = None  # time after the first (compiling) step of this invocation
   eval_metrics = None
 
   def flush():
-    nonlocal last_train_loss, pending
+    """Moves pending step metrics to the host; stops (or reports a skip) on a bad step."""
+    nonlocal last_loss, pending
     for s, m in jax.device_get(pending):
       if not bool(m["finite"]):
         msg = (f"non-finite loss or gradient at step {s} (loss={float(m['loss'])}, "
                f"grad_norm={float(m['grad_norm'])}); the update was not applied")
         if c.train.nan_policy == "stop":
-          raise NonFiniteError(msg + f"; last good checkpoint: step {ckpt.latest_step()}")
-        progress.write("skipping: " + msg)
+          raise NonFiniteError(f"{msg}; last good checkpoint: step {ckpt.latest_step()}")
+        progress.write("skipped: " + msg)
       row = {k: float(v) for k, v in m.items() if k != "finite"}
       writer.write(s, row)
-      last_train_loss = row["loss"]
+      last_loss = row["loss"]
     pending = []
+
+  def tokens_per_second(done):
+    if t_first is None or done <= start + 1:
+      return 0.0
+    return tokens_per_step * (done - start - 1) / max(time.time() - t_first, 1e-9)
 
   try:
     for step in range(start, c.train.steps):
@@ -304,41 +315,32 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> dic
         t_first = time.time()
       if done % c.train.log_every == 0 or done == c.train.steps:
         flush()
-        if t_first is not None and done > start + 1:
-          timed_steps, timed_seconds = done - start - 1, time.time() - t_first
-        tps = tokens_per_step * timed_steps / max(timed_seconds, 1e-9) if timed_steps else 0.0
-        progress.update(done - progress_n(progress, start), loss=last_train_loss,
-                        tok_s=round(tps))
+        progress.update(done, loss=last_loss, tok_s=round(tokens_per_second(done)))
       if done % c.train.eval_every == 0 or done == c.train.steps:
         eval_metrics = trainer.evaluate(params)
         writer.write(done, eval_metrics, split="eval")
         progress.write(f"step {done}: eval loss {eval_metrics['loss']:.4f} "
                        f"accuracy {eval_metrics['accuracy']:.4f}")
       if done % c.train.checkpoint_every == 0 or done == c.train.steps:
-        flush()  # never checkpoint a state after an unchecked step
-        ckpt.save(done, {"params": params, "opt_state": opt_state,
-                         "step": jnp.asarray(done, jnp.int32)}, it)
+        flush()  # never checkpoint a state that follows an unchecked step
+        step_array = jax.device_put(np.int32(done), trainer.replicated)
+        ckpt.save(done, {"params": params, "opt_state": opt_state, "step": step_array}, it)
     flush()
-    if eval_metrics is None:  # resumed at the end: evaluate the restored model
+    tps = tokens_per_second(c.train.steps)
+    if eval_metrics is None:  # nothing left to train: evaluate the restored model
       eval_metrics = trainer.evaluate(params)
   finally:
     ckpt.close()
     progress.close()
     writer.close()
 
-  tps = tokens_per_step * timed_steps / timed_seconds if timed_seconds > 0 else 0.0
   summary = Summary(
       eval_accuracy=eval_metrics["accuracy"], eval_loss=eval_metrics["loss"],
       steps=c.train.steps, tokens_per_second=tps, wall_seconds=time.time() - t_start,
-      config=_json_config(c), train_loss=last_train_loss, num_params=trainer.num_params,
-      resumed_from=start if latest is not None else None)
+      config=_json_config(c), train_loss=last_loss, num_params=trainer.num_params,
+      state_size=trainer.state_size(), resumed_from=start if latest is not None else None)
   out = dataclasses.asdict(summary)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
       json.dump(out, f, indent=2)
   return out
-
-
-def progress_n(progress: metrics_lib.Progress, start: int) -> int:
-  bar = getattr(progress, "_bar", None)
-  return bar.n if bar is not None else start

@@ -114,11 +114,16 @@ def linear_recurrence_reference(q, k, v, log_decay=None, initial_state=None, res
 
 
 def pad_time(x, tp, value=0):
-  """Pad axis 1 (time) of ``x`` at the end to length ``tp``."""
+  """Pad axis 1 (time) of ``x`` at the *front* to length ``tp``.
+
+  Front padding with zero k/v, zero log decay and no reset leaves the initial state
+  untouched (decay exp(0) = 1, nothing added), and keeps the last real token last in its
+  chunk, so its decay to the chunk end is the exact constant 0 (see ``_self_zero``).
+  """
   if x is None or x.shape[1] == tp:
     return x
   pad = [(0, 0)] * x.ndim
-  pad[1] = (0, tp - x.shape[1])
+  pad[1] = (tp - x.shape[1], 0)
   return jnp.pad(x, pad, constant_values=value)
 
 
@@ -132,7 +137,7 @@ def linear_recurrence_chunked(q, k, v, log_decay=None, initial_state=None, reset
   """Chunkwise-parallel form, computed in fp32 with plain jnp / XLA ops.
 
   Intra-chunk work is batched over all chunks; only the [Dk, Dv] state hand-off between
-  chunks is a ``lax.scan``. T need not be a multiple of ``chunk_size`` (zero-padded).
+  chunks is a ``lax.scan``. T need not be a multiple of ``chunk_size`` (zero-padded at the front).
   Differentiable with ordinary ``jax.grad`` (all masks are applied before ``exp``).
   """
   kind = check_inputs(q, k, v, log_decay, initial_state, reset)
@@ -172,16 +177,18 @@ def linear_recurrence_chunked(q, k, v, log_decay=None, initial_state=None, reset
   if kind == "channel":
     bl = b[..., -1:, :]  # [B,H,N,1,Dk]
     q_in = qc * jnp.exp(jnp.where(first[..., None], b, NEG_INF))
-    k_out = kc * jnp.exp(jnp.where(to_end[..., None], bl - b, NEG_INF))
+    k_out = kc * jnp.exp(_self_zero(jnp.where(to_end[..., None], bl - b, NEG_INF), -2))
     chunk_decay = jnp.where(keeps[..., None], jnp.exp(bl[..., 0, :]), 0.0)[..., None]
     scores = _channel_scores(qc, kc, b, seg, sub_chunk_size(C))
   else:
     bl = b[..., -1:]  # [B,H,N,1]
     q_in = qc * jnp.exp(jnp.where(first, b, NEG_INF))[..., None]
-    k_out = kc * jnp.exp(jnp.where(to_end, bl - b, NEG_INF))[..., None]
+    k_out = kc * jnp.exp(_self_zero(jnp.where(to_end, bl - b, NEG_INF), -1))[..., None]
     chunk_decay = jnp.where(keeps, jnp.exp(bl[..., 0]), 0.0)[..., None, None]
     mask = causal & same
-    decay = jnp.exp(jnp.where(mask, b[..., :, None] - b[..., None, :], NEG_INF))
+    eye = jnp.eye(C, dtype=bool)
+    decay = jnp.exp(jnp.where(eye, 0.0,
+                              jnp.where(mask, b[..., :, None] - b[..., None, :], NEG_INF)))
     scores = jnp.einsum("bhncd,bhnsd->bhncs", qc, kc, precision=_HI) * decay
 
   o_intra = jnp.einsum("bhncs,bhnse->bhnce", scores, vc, precision=_HI)
@@ -198,8 +205,20 @@ def linear_recurrence_chunked(q, k, v, log_decay=None, initial_state=None, reset
   s_in = jnp.moveaxis(s_in, 0, 2)  # state entering each chunk, [B,H,N,Dk,Dv]
   o_inter = jnp.einsum("bhncd,bhnde->bhnce", q_in, s_in, precision=_HI)
   o = (o_intra + o_inter)  # [B,H,N,C,Dv]
-  o = jnp.moveaxis(o, 1, 3).reshape(B, Tp, H, Dv)[:, :T]
+  o = jnp.moveaxis(o, 1, 3).reshape(B, Tp, H, Dv)[:, Tp - T:]
   return o.astype(out_dtype), sf
+
+
+def _self_zero(x, axis):
+  """Set the last entry along ``axis`` (a token's decay to itself) to a constant 0.
+
+  ``b_i - b_i`` is exactly 0 but its gradient is ``+ct`` and ``-ct`` on the same
+  element; summed, they cancel only up to rounding, which swamps the true (tiny)
+  gradient of strongly decaying gates. A constant keeps the gradient exact.
+  """
+  n = x.shape[axis]
+  is_last = (jnp.arange(n) == n - 1).reshape((n,) + (1,) * (-axis - 1))
+  return jnp.where(is_last, 0.0, x)
 
 
 def _channel_scores(qc, kc, b, seg, L):
@@ -229,7 +248,9 @@ def _channel_scores(qc, kc, b, seg, L):
   tri = jnp.tril(jnp.ones((L, L), bool))
   same_d = segs[..., :, None] == segs[..., None, :]  # [B,1,N,S,L,L]
   m = (tri & same_d)[..., None]
-  dec = jnp.exp(jnp.where(m, bs[..., :, None, :] - bs[..., None, :, :], NEG_INF))
+  diag = jnp.eye(L, dtype=bool)[:, :, None]
+  dec = jnp.exp(jnp.where(diag, 0.0,
+                          jnp.where(m, bs[..., :, None, :] - bs[..., None, :, :], NEG_INF)))
   ks = kc.reshape(B, H, N, S, L, Dk)
   a_diag = jnp.einsum("bhnsid,bhnsjd,bhnsijd->bhnsij", qs, ks, dec, precision=_HI)
   eye = jnp.eye(S, dtype=f32)

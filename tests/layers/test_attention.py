@@ -182,3 +182,25 @@ def test_bad_input_shape():
   m = Attention(D, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match=r"\[B, T, 16\]"):
     m(jnp.zeros((2, 5, 8)))
+
+
+def test_positions_restart_at_document_start(monkeypatch, x):
+  """RoPE is relative, so a missing position restart is invisible in the outputs up to rounding.
+  Swap in an absolute position encoding to see the positions the layer actually uses."""
+  import layers.attention as attention_lib  # pylint: disable=g-import-not-at-top
+
+  def absolute(v, positions, theta):
+    del theta
+    return v + 0.1 * jnp.broadcast_to(positions, v.shape[:2])[..., None, None].astype(v.dtype)
+
+  monkeypatch.setattr(attention_lib, "apply_rope", absolute)
+  m = Attention(D, AttentionConfig(num_heads=2), rngs=nnx.Rngs(6))
+  fwd = nnx.jit(lambda m, x, s: m(x, segment_ids=s))
+  seg = jnp.array([[0] * 4 + [1] * 6] * B, jnp.int32)
+  y = fwd(m, x, seg)
+  np.testing.assert_allclose(y[:, 4:], fwd(m, x[:, 4:], None), atol=1e-5)
+  # The encoding is not shift-invariant, so the check above can fail: shifting doc 2's
+  # positions by 4 (what a missing restart would do) moves its outputs.
+  y_shift = nnx.jit(lambda m, x: m._attend(*m._qkv(x, jnp.arange(4, 10)),  # pylint: disable=protected-access
+                                           jnp.tril(jnp.ones((6, 6), bool))[None]))(m, x[:, 4:])
+  assert float(jnp.max(jnp.abs(y_shift - y[:, 4:]))) > 1e-3

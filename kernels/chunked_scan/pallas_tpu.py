@@ -1,0 +1,346 @@
+"""Pallas Mosaic-TPU kernel for the chunked gated linear recurrence.
+
+Grid ``(B, H, num_chunks)``: batch and heads are ``"parallel"``, the chunk axis is
+``"arbitrary"`` (sequential), and the fp32 ``[Dk, Dv]`` state lives in VMEM scratch across
+it (the chunkwise form of Yang et al. 2023, GLA; "state passing" of Dao & Gu 2024, SSD).
+Per chunk of C tokens:
+
+  * no decay / one decay per head (Katharopoulos et al. 2020; RetNet, Sun et al. 2023;
+    SSD): ``o = ((q k^T) * exp(mask(b_i - b_j))) v + (q * exp(b)) S`` with ``b`` the
+    within-chunk cumulative log decay, masked to ``-inf`` before ``exp``;
+  * one decay per channel (GLA): sub-chunks of L = 16 rows; pairs in earlier sub-chunks
+    factor through the reference point ``c = b[start - 1]`` (both exponents <= 0, so one
+    MXU matmul per sub-chunk), pairs inside a sub-chunk use exact element-wise decays, one
+    key column at a time (VPU).
+
+``decay_on="value"`` is the same recurrence with the per-channel decay on the value side
+(``S_t = S_{t-1} diag(exp(g_t)) + k_t v_t^T``); the backward pass (``__init__.py``) needs it.
+``strict=True`` leaves out the i = j term of every token (used for dq / dk in the backward).
+
+Layout: q, k, v, o and per-channel decays stay ``[B, T, H, D]`` (blocks ``(C, D)`` with the
+head axis squeezed); per-head decays and reset counts come as a column ``(C, 1)`` and a row
+``(1, C)`` so that no in-kernel transpose is needed. MXU operands are in the input dtype
+(bf16 stays bf16) with fp32 accumulation; fp32 inputs use ``Precision.HIGHEST``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+F32 = jnp.float32
+NEG_INF = float("-inf")
+SUB = 16  # sub-chunk length for per-channel decays
+
+
+def _dot(a, b, cdt, trans_a=False, trans_b=False):
+  """``a @ b`` (optionally transposed operands) with fp32 accumulation."""
+  a = a.astype(cdt)
+  b = b.astype(cdt)
+  if trans_a:
+    a = a.T
+  ca = (1,)
+  cb = (1,) if trans_b else (0,)
+  prec = lax.Precision.HIGHEST if cdt == F32 else None
+  return lax.dot_general(a, b, ((ca, cb), ((), ())), precision=prec,
+                         preferred_element_type=F32)
+
+
+def _pick_row(x, i):
+  """Row ``i`` (static) of a 2-D value as a ``(1, n)`` value (masked sublane reduce)."""
+  rows = lax.broadcasted_iota(jnp.int32, x.shape, 0)
+  return jnp.sum(jnp.where(rows == i, x, 0.0), axis=0, keepdims=True)
+
+
+def _pick_col(x, j):
+  """Column ``j`` (static) of a 2-D value as an ``(m, 1)`` value."""
+  cols = lax.broadcasted_iota(jnp.int32, x.shape, 1)
+  return jnp.sum(jnp.where(cols == j, x, 0.0), axis=1, keepdims=True)
+
+
+def _kernel(*refs, kind, decay_on, strict, C, has_seg, has_s0, want_excl, cdt):
+  it = iter(refs)
+  q_ref, k_ref, v_ref = next(it), next(it), next(it)
+  if kind == "scalar":
+    bcol_ref, brow_ref = next(it), next(it)
+  elif kind == "channel":
+    b_ref = next(it)
+    blc_ref = next(it) if decay_on == "key" else None
+  if has_seg:
+    scol_ref, srow_ref = next(it), next(it)
+  s0_ref = next(it) if has_s0 else None
+  o_ref, sf_ref = next(it), next(it)
+  excl_ref = next(it) if want_excl else None
+  st_ref = next(it)
+
+  n = pl.program_id(2)
+
+  @pl.when(n == 0)
+  def _init():
+    if has_s0:
+      st_ref[...] = s0_ref[...].astype(F32)
+    else:
+      st_ref[...] = jnp.zeros(st_ref.shape, F32)
+
+  s = st_ref[...]
+  rcol = lax.broadcasted_iota(jnp.int32, (C, 1), 0)  # token index as a column
+  if has_seg:
+    scol = scol_ref[...]  # (C, 1) int32: resets so far in this chunk
+    slast = jnp.sum(jnp.where(rcol == C - 1, scol, 0), axis=0, keepdims=True)  # (1, 1)
+    first = scol == 0  # sees the carried state
+    to_end = scol == slast  # reaches the chunk-end state
+    keeps = slast == 0  # no reset inside the chunk
+  else:
+    first = to_end = keeps = None
+
+  def wh(m, x, other):  # where with an optional mask
+    return x if m is None else jnp.where(m, x, other)
+
+  def self_zero(e):  # the last token's decay to the chunk end is exactly exp(0)
+    return jnp.where(lax.broadcasted_iota(jnp.int32, e.shape, 0) == C - 1, 0.0, e)
+
+  if kind in ("none", "scalar"):
+    q, k, v = q_ref[...], k_ref[...], v_ref[...]
+    rows = lax.broadcasted_iota(jnp.int32, (C, C), 0)
+    cols = lax.broadcasted_iota(jnp.int32, (C, C), 1)
+    mask = rows > cols if strict else rows >= cols
+    if has_seg:
+      mask = mask & (scol == srow_ref[...])
+    scores = _dot(q, k, cdt, trans_b=True)
+    if kind == "none":
+      scores = jnp.where(mask, scores, 0.0)
+      q_in = wh(first, q.astype(F32), 0.0)
+      k_out = wh(to_end, k.astype(F32), 0.0)
+      decay = wh(keeps, jnp.ones((1, 1), F32), 0.0)
+    else:
+      bc, br = bcol_ref[...], brow_ref[...]  # (C, 1), (1, C)
+      bl = jnp.sum(jnp.where(rcol == C - 1, bc, 0.0), axis=0, keepdims=True)  # (1, 1)
+      expo = jnp.where(mask, bc - br, NEG_INF)
+      if not strict:
+        expo = jnp.where(rows == cols, 0.0, expo)
+      scores = scores * jnp.exp(expo)
+      q_in = q.astype(F32) * jnp.exp(wh(first, bc, NEG_INF))
+      k_out = k.astype(F32) * jnp.exp(self_zero(wh(to_end, bl - bc, NEG_INF)))
+      decay = wh(keeps, jnp.exp(bl), 0.0)
+    o = _dot(scores, v, cdt) + _dot(q_in, s, cdt)
+    o_ref[...] = o.astype(o_ref.dtype)
+    decay, lhs, rhs = decay, k_out, v
+  elif decay_on == "key":
+    decay, lhs, rhs = _channel_key_chunk(q_ref, k_ref, v_ref, b_ref, blc_ref, o_ref, s, C=C,
+                               strict=strict, has_seg=has_seg,
+                               scol_ref=scol_ref if has_seg else None,
+                               srow_ref=srow_ref if has_seg else None,
+                               to_end=to_end, keeps=keeps, cdt=cdt, self_zero=self_zero)
+  else:
+    decay, lhs, rhs = _channel_value_chunk(q_ref, k_ref, v_ref, b_ref, o_ref, s, C=C, strict=strict,
+                                 has_seg=has_seg,
+                                 scol_ref=scol_ref if has_seg else None,
+                                 srow_ref=srow_ref if has_seg else None,
+                                 to_end=to_end, keeps=keeps, cdt=cdt, self_zero=self_zero)
+  # S_new = decay * S + lhs^T rhs; the last row of lhs / rhs is the last token's k v^T.
+  s_new = decay * s + _dot(lhs, rhs, cdt, trans_a=True)
+  st_ref[...] = s_new
+
+  @pl.when(n == pl.num_programs(2) - 1)
+  def _final():
+    sf_ref[...] = s_new
+    if want_excl:  # final state without the last token's k v^T (exact, for d log_decay)
+      not_last = lax.broadcasted_iota(jnp.int32, (C, 1), 0) < C - 1
+      excl_ref[...] = decay * s + _dot(jnp.where(not_last, lhs.astype(F32), 0.0), rhs, cdt,
+                                       trans_a=True)
+
+
+def _sub_masks(I, C, L, strict, has_seg, scol_ref, srow_ref):
+  """Masks for rows ``I*L .. I*L+L`` against all C columns: (earlier sub-chunks & same
+  document, causal-in-sub-chunk & same document) plus the row block's reset counts."""
+  r0 = I * L
+  rows = lax.broadcasted_iota(jnp.int32, (L, C), 0) + r0
+  cols = lax.broadcasted_iota(jnp.int32, (L, C), 1)
+  same = None
+  scol_i = None
+  if has_seg:
+    scol_i = scol_ref[pl.ds(r0, L), :]  # (L, 1)
+    same = scol_i == srow_ref[...]
+  before = cols < r0
+  return before if same is None else (before & same), same, scol_i
+
+
+def _channel_key_chunk(q_ref, k_ref, v_ref, b_ref, blc_ref, o_ref, s, *, C, strict, has_seg,
+                       scol_ref, srow_ref, to_end, keeps, cdt, self_zero):
+  """Per-key-channel decays (GLA): ``A_ij = sum_d q_i[d] k_j[d] exp(b_i[d] - b_j[d])``."""
+  L = SUB if C % SUB == 0 else C
+  k = k_ref[...]
+  v = v_ref[...]
+  b = b_ref[...].astype(F32)  # (C, Dk)
+  kf = k.astype(F32)
+  rows_c = lax.broadcasted_iota(jnp.int32, (C, 1), 0)
+  for I in range(C // L):
+    r0 = I * L
+    q_i = q_ref[pl.ds(r0, L), :].astype(F32)
+    k_i = k_ref[pl.ds(r0, L), :].astype(F32)
+    b_i = b_ref[pl.ds(r0, L), :].astype(F32)
+    off_mask, same, scol_i = _sub_masks(I, C, L, strict, has_seg, scol_ref, srow_ref)
+    # carried state
+    e_in = b_i if scol_i is None else jnp.where(scol_i == 0, b_i, NEG_INF)
+    o_i = _dot(q_i * jnp.exp(e_in), s, cdt)
+    if I > 0:  # earlier sub-chunks through the reference point c = b[r0 - 1]
+      c = _pick_row(b, r0 - 1)  # (1, Dk)
+      q_t = q_i * jnp.exp(b_i - c)
+      k_t = kf * jnp.exp(jnp.where(rows_c < r0, c - b, NEG_INF))
+      a = jnp.where(off_mask, _dot(q_t, k_t, cdt, trans_b=True), 0.0)  # (L, C)
+    else:
+      a = jnp.zeros((L, C), F32)
+    # inside the sub-chunk: exact element-wise decays, one key column at a time
+    rows_l = lax.broadcasted_iota(jnp.int32, (L, 1), 0)
+    cols = lax.broadcasted_iota(jnp.int32, (L, C), 1)
+    for jj in range(L):
+      k_j = _pick_row(k_i, jj)
+      b_j = _pick_row(b_i, jj)
+      causal = rows_l > jj if strict else rows_l >= jj
+      expo = jnp.where(causal, b_i - b_j, NEG_INF)
+      if not strict:
+        expo = jnp.where(rows_l == jj, 0.0, expo)
+      col = jnp.sum(q_i * k_j * jnp.exp(expo), axis=1, keepdims=True)  # (L, 1)
+      a = a + jnp.where(cols == r0 + jj, col, 0.0)
+    if same is not None:
+      a = jnp.where(same, a, 0.0)
+    o_i = o_i + _dot(a, v, cdt)
+    o_ref[pl.ds(r0, L), :] = o_i.astype(o_ref.dtype)
+  bl = _pick_row(b, C - 1)  # (1, Dk)
+  e_end = bl - b
+  if to_end is not None:
+    e_end = jnp.where(to_end, e_end, NEG_INF)
+  k_out = kf * jnp.exp(self_zero(e_end))
+  decay = jnp.exp(blc_ref[...].astype(F32))  # (Dk, 1)
+  if keeps is not None:
+    decay = jnp.where(keeps, decay, 0.0)
+  return decay, k_out, v
+
+
+def _channel_value_chunk(q_ref, k_ref, v_ref, b_ref, o_ref, s, *, C, strict, has_seg,
+                         scol_ref, srow_ref, to_end, keeps, cdt, self_zero):
+  """Per-value-channel decays: ``o_i[e] = sum_j (q_i . k_j) v_j[e] exp(b_i[e] - b_j[e])``."""
+  L = SUB if C % SUB == 0 else C
+  k = k_ref[...]
+  v = v_ref[...]
+  b = b_ref[...].astype(F32)  # (C, Dv)
+  vf = v.astype(F32)
+  rows_c = lax.broadcasted_iota(jnp.int32, (C, 1), 0)
+  for I in range(C // L):
+    r0 = I * L
+    q_i = q_ref[pl.ds(r0, L), :]
+    v_i = v_ref[pl.ds(r0, L), :].astype(F32)
+    b_i = b_ref[pl.ds(r0, L), :].astype(F32)
+    off_mask, same, scol_i = _sub_masks(I, C, L, strict, has_seg, scol_ref, srow_ref)
+    m = _dot(q_i, k, cdt, trans_b=True)  # (L, C) plain scores q_i . k_j
+    if same is not None:
+      m = jnp.where(same, m, 0.0)
+    e_in = b_i if scol_i is None else jnp.where(scol_i == 0, b_i, NEG_INF)
+    o_i = jnp.exp(e_in) * _dot(q_i, s, cdt)
+    if I > 0:
+      c = _pick_row(b, r0 - 1)  # (1, Dv)
+      v_t = vf * jnp.exp(jnp.where(rows_c < r0, c - b, NEG_INF))
+      o_i = o_i + jnp.exp(b_i - c) * _dot(jnp.where(off_mask, m, 0.0), v_t, cdt)
+    rows_l = lax.broadcasted_iota(jnp.int32, (L, 1), 0)
+    for jj in range(L):
+      m_j = _pick_col(m, r0 + jj)  # (L, 1)
+      v_j = _pick_row(v_i, jj)
+      b_j = _pick_row(b_i, jj)
+      causal = rows_l > jj if strict else rows_l >= jj
+      expo = jnp.where(causal, b_i - b_j, NEG_INF)
+      if not strict:
+        expo = jnp.where(rows_l == jj, 0.0, expo)
+      o_i = o_i + m_j * v_j * jnp.exp(expo)
+    o_ref[pl.ds(r0, L), :] = o_i.astype(o_ref.dtype)
+  bl = _pick_row(b, C - 1)  # (1, Dv)
+  e_end = bl - b
+  if to_end is not None:
+    e_end = jnp.where(to_end, e_end, NEG_INF)
+  v_out = vf * jnp.exp(self_zero(e_end))
+  decay = jnp.exp(bl)
+  if keeps is not None:
+    decay = jnp.where(keeps, decay, 0.0)
+  return decay, k, v_out
+
+
+def forward(q, k, v, b, seg, s0, *, chunk, decay_on="key", strict=False, out_dtype=None,
+            want_excl=False, interpret=False):
+  """Run the kernel on prepared inputs.
+
+  Args:
+    q, k: ``[B, Tp, H, Dk]``; v: ``[B, Tp, H, Dv]``; ``Tp`` a multiple of ``chunk``.
+    b: ``None``, ``[B, Tp, H]`` or ``[B, Tp, H, D]`` fp32 within-chunk cumulative log decays
+      (D = Dk for ``decay_on="key"``, Dv for ``"value"``).
+    seg: ``None`` or ``[B, Tp]`` int32 within-chunk reset counts.
+    s0: ``None`` or ``[B, H, Dk, Dv]``.
+    want_excl: also return the final state without the last token's ``k v^T``.
+  Returns:
+    ``o [B, Tp, H, Dv]`` (``out_dtype``), ``S_final [B, H, Dk, Dv]`` fp32 (and, with
+    ``want_excl``, ``S_final - k_T v_T^T`` computed without cancellation).
+  """
+  B, Tp, H, Dk = q.shape
+  Dv = v.shape[-1]
+  C = chunk
+  N = Tp // C
+  kind = "none" if b is None else ("scalar" if b.ndim == 3 else "channel")
+  cdt = q.dtype
+  k = k.astype(cdt)
+  v = v.astype(cdt)
+  out_dtype = out_dtype or q.dtype
+  sq = pl.squeezed
+
+  def tok_spec(d):
+    return pl.BlockSpec((sq, C, sq, d), lambda bi, h, n: (bi, n, h, 0))
+
+  in_specs = [tok_spec(Dk), tok_spec(Dk), tok_spec(Dv)]
+  args = [q, k, v]
+  if kind == "scalar":
+    bcol = jnp.transpose(b, (0, 2, 1))[..., None]  # [B, H, Tp, 1]
+    brow = bcol.reshape(B, H, N, 1, C)
+    in_specs += [pl.BlockSpec((sq, sq, C, 1), lambda bi, h, n: (bi, h, n, 0)),
+                 pl.BlockSpec((sq, sq, sq, 1, C), lambda bi, h, n: (bi, h, n, 0, 0))]
+    args += [bcol, brow]
+  elif kind == "channel":
+    d = b.shape[-1]
+    in_specs.append(tok_spec(d))
+    args.append(b)
+    if decay_on == "key":
+      blc = jnp.transpose(b.reshape(B, N, C, H, d)[:, :, -1], (0, 2, 1, 3))[..., None]
+      in_specs.append(pl.BlockSpec((sq, sq, sq, d, 1), lambda bi, h, n: (bi, h, n, 0, 0)))
+      args.append(blc)  # [B, H, N, Dk, 1] chunk-end cumulative decay as a column
+  has_seg = seg is not None
+  if has_seg:
+    seg = seg.astype(jnp.int32)
+    in_specs += [pl.BlockSpec((sq, C, 1), lambda bi, h, n: (bi, n, 0)),
+                 pl.BlockSpec((sq, sq, 1, C), lambda bi, h, n: (bi, n, 0, 0))]
+    args += [seg[..., None], seg.reshape(B, N, 1, C)]
+  has_s0 = s0 is not None
+  state_spec = pl.BlockSpec((sq, sq, Dk, Dv), lambda bi, h, n: (bi, h, 0, 0))
+  if has_s0:
+    in_specs.append(state_spec)
+    args.append(s0.astype(F32))
+  kernel = functools.partial(_kernel, kind=kind, decay_on=decay_on, strict=strict, C=C,
+                             has_seg=has_seg, has_s0=has_s0, want_excl=want_excl, cdt=cdt)
+  state_shape = jax.ShapeDtypeStruct((B, H, Dk, Dv), F32)
+  out_shape = [jax.ShapeDtypeStruct((B, Tp, H, Dv), out_dtype), state_shape]
+  out_specs = [tok_spec(Dv), state_spec]
+  if want_excl:
+    out_shape.append(state_shape)
+    out_specs.append(state_spec)
+  return pl.pallas_call(
+      kernel,
+      out_shape=tuple(out_shape),
+      grid=(B, H, N),
+      in_specs=in_specs,
+      out_specs=tuple(out_specs),
+      scratch_shapes=[pltpu.VMEM((Dk, Dv), F32)],
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=("parallel", "parallel", "arbitrary")),
+      interpret=interpret,
+      name=f"chunked_scan_{kind}_{decay_on}{'_strict' if strict else ''}",
+  )(*args)
