@@ -17,8 +17,9 @@ Per chunk of C tokens:
 (``S_t = S_{t-1} diag(exp(g_t)) + k_t v_t^T``); the backward pass (``__init__.py``) needs it.
 ``strict=True`` leaves out the i = j term of every token (used for dq / dk in the backward).
 
-Layout: q, k, v, o and per-channel decays stay ``[B, T, H, D]`` (blocks ``(C, D)`` with the
-head axis squeezed); per-head decays and reset counts come as a column ``(C, 1)`` and a row
+Layout: q, k, v, o and per-channel decays are read as ``(C, D)`` blocks of one head, from
+the free view ``[B, T, H*D]`` when D is a multiple of 128, else from a ``[B, H, T, D]``
+transposed copy (Mosaic's (8, 128) block rule); per-head decays and reset counts come as a column ``(C, 1)`` and a row
 ``(1, C)`` so that no in-kernel transpose is needed. MXU operands are in the input dtype
 (bf16 stays bf16) with fp32 accumulation; fp32 inputs use ``Precision.HIGHEST``.
 """
@@ -268,6 +269,35 @@ def _channel_value_chunk(q_ref, k_ref, v_ref, b_ref, o_ref, s, *, C, strict, has
   return decay, k, v_out
 
 
+# Token-major tensors [B, T, H, D]. Mosaic blocks need their last two dims to be multiples
+# of (8, 128) or whole, so a (C, D) block of one head is taken from the free view
+# [B, T, H*D] when D % 128 == 0, and otherwise from a transposed copy [B, H, T, D].
+
+
+def _lane_dense(d):
+  return d % 128 == 0
+
+
+def _tok_layout_shape(B, T, H, d):
+  return (B, T, H * d) if _lane_dense(d) else (B, H, T, d)
+
+
+def _to_tok_layout(x):
+  B, T, H, d = x.shape
+  return x.reshape(B, T, H * d) if _lane_dense(d) else jnp.transpose(x, (0, 2, 1, 3))
+
+
+def _from_tok_layout(x, B, T, H, d):
+  return x.reshape(B, T, H, d) if _lane_dense(d) else jnp.transpose(x, (0, 2, 1, 3))
+
+
+def _tok_spec(C, d):
+  sq = pl.squeezed
+  if _lane_dense(d):
+    return pl.BlockSpec((sq, C, d), lambda bi, h, n: (bi, n, h))
+  return pl.BlockSpec((sq, sq, C, d), lambda bi, h, n: (bi, h, n, 0))
+
+
 def forward(q, k, v, b, seg, s0, *, chunk, decay_on="key", strict=False, out_dtype=None,
             want_excl=False, interpret=False):
   """Run the kernel on prepared inputs.
@@ -294,11 +324,8 @@ def forward(q, k, v, b, seg, s0, *, chunk, decay_on="key", strict=False, out_dty
   out_dtype = out_dtype or q.dtype
   sq = pl.squeezed
 
-  def tok_spec(d):
-    return pl.BlockSpec((sq, C, sq, d), lambda bi, h, n: (bi, n, h, 0))
-
-  in_specs = [tok_spec(Dk), tok_spec(Dk), tok_spec(Dv)]
-  args = [q, k, v]
+  in_specs = [_tok_spec(C, Dk), _tok_spec(C, Dk), _tok_spec(C, Dv)]
+  args = [_to_tok_layout(x) for x in (q, k, v)]
   if kind == "scalar":
     bcol = jnp.transpose(b, (0, 2, 1))[..., None]  # [B, H, Tp, 1]
     brow = bcol.reshape(B, H, N, 1, C)
@@ -307,8 +334,8 @@ def forward(q, k, v, b, seg, s0, *, chunk, decay_on="key", strict=False, out_dty
     args += [bcol, brow]
   elif kind == "channel":
     d = b.shape[-1]
-    in_specs.append(tok_spec(d))
-    args.append(b)
+    in_specs.append(_tok_spec(C, d))
+    args.append(_to_tok_layout(b))
     if decay_on == "key":
       blc = jnp.transpose(b.reshape(B, N, C, H, d)[:, :, -1], (0, 2, 1, 3))[..., None]
       in_specs.append(pl.BlockSpec((sq, sq, sq, d, 1), lambda bi, h, n: (bi, h, n, 0, 0)))
@@ -327,12 +354,12 @@ def forward(q, k, v, b, seg, s0, *, chunk, decay_on="key", strict=False, out_dty
   kernel = functools.partial(_kernel, kind=kind, decay_on=decay_on, strict=strict, C=C,
                              has_seg=has_seg, has_s0=has_s0, want_excl=want_excl, cdt=cdt)
   state_shape = jax.ShapeDtypeStruct((B, H, Dk, Dv), F32)
-  out_shape = [jax.ShapeDtypeStruct((B, Tp, H, Dv), out_dtype), state_shape]
-  out_specs = [tok_spec(Dv), state_spec]
+  out_shape = [jax.ShapeDtypeStruct(_tok_layout_shape(B, Tp, H, Dv), out_dtype), state_shape]
+  out_specs = [_tok_spec(C, Dv), state_spec]
   if want_excl:
     out_shape.append(state_shape)
     out_specs.append(state_spec)
-  return pl.pallas_call(
+  o, *states = pl.pallas_call(
       kernel,
       out_shape=tuple(out_shape),
       grid=(B, H, N),
@@ -344,3 +371,4 @@ def forward(q, k, v, b, seg, s0, *, chunk, decay_on="key", strict=False, out_dty
       interpret=interpret,
       name=f"chunked_scan_{kind}_{decay_on}{'_strict' if strict else ''}",
   )(*args)
+  return (_from_tok_layout(o, B, Tp, H, Dv), *states)

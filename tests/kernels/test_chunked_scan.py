@@ -1,0 +1,361 @@
+"""kernels.chunked_scan: every implementation against the per-token reference.
+
+Pallas kernels run in interpret mode on CPU; the lowering tests export them for TPU and
+CUDA at a production shape (no hardware needed). Each (impl, decay kind, dtype) is compiled
+once per module: one jitted ``value_and_grad`` returns outputs, final state and the
+gradients w.r.t. q, k, v, log_decay and initial_state together.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental.pallas import tpu as pltpu
+
+from kernels.chunked_scan import linear_recurrence
+
+B, T, H, DK, DV = 2, 50, 2, 8, 8  # T is not a multiple of any chunk size used
+KINDS = ("none", "scalar", "channel")
+PALLAS = ("pallas_tpu", "pallas_gpu")
+ARGS = ("q", "k", "v", "log_decay", "initial_state")
+
+
+def _inputs(kind, dtype=jnp.float32, seed=0):
+  ks = jax.random.split(jax.random.PRNGKey(seed), 8)
+  q = jax.random.normal(ks[0], (B, T, H, DK))
+  k = jax.random.normal(ks[1], (B, T, H, DK)) / np.sqrt(DK)
+  v = jax.random.normal(ks[2], (B, T, H, DV))
+  s0 = jax.random.normal(ks[3], (B, H, DK, DV))
+  reset = jax.random.uniform(ks[4], (B, T)) < 0.08
+  reset = reset.at[0, 0].set(True).at[1, T - 1].set(True)
+  if kind == "none":
+    g = None
+  elif kind == "scalar":
+    # head 0: near-1 gates (long memory); head 1: strongly decaying gates
+    near_one = -1e-3 * jax.random.uniform(ks[5], (B, T))
+    strong = -20.0 - 30.0 * jax.random.uniform(ks[6], (B, T))
+    g = jnp.stack([near_one, strong], axis=-1)
+  else:
+    # head 0: GLA-like gates logsigmoid(x) / 16 ... ordinary; head 1: strong (-20 .. -50)
+    ordinary = jax.nn.log_sigmoid(jax.random.normal(ks[5], (B, T, DK)) + 2.0)
+    strong = -20.0 - 30.0 * jax.random.uniform(ks[6], (B, T, DK))
+    g = jnp.stack([ordinary, strong], axis=2)
+  cast = lambda x: x.astype(dtype)
+  return dict(q=cast(q), k=cast(k), v=cast(v), log_decay=g, initial_state=s0, reset=reset)
+
+
+def _weights():
+  ks = jax.random.split(jax.random.PRNGKey(123), 2)
+  return jax.random.normal(ks[0], (B, T, H, DV)), jax.random.normal(ks[1], (B, H, DK, DV))
+
+
+@functools.lru_cache(maxsize=None)
+def _value_and_grad(impl, chunk_size=32):
+  """Jitted (o, final_state, grads) for one implementation."""
+  wo, ws = _weights()
+  interpret = impl in PALLAS
+
+  def loss(q, k, v, g, s0, reset):
+    o, sf = linear_recurrence(q, k, v, g, initial_state=s0, reset=reset,
+                              chunk_size=chunk_size, impl=impl, interpret=interpret)
+    return jnp.sum(o.astype(jnp.float32) * wo) + jnp.sum(sf * ws), (o, sf)
+
+  f = jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True)
+
+  @jax.jit
+  def run(q, k, v, g, s0, reset):
+    (_, (o, sf)), grads = f(q, k, v, g, s0, reset)
+    return o, sf, grads
+
+  return run
+
+
+@functools.lru_cache(maxsize=None)
+def _forward(impl, chunk_size=32):
+  interpret = impl in PALLAS
+  return jax.jit(lambda q, k, v, g, s0, reset: linear_recurrence(
+      q, k, v, g, initial_state=s0, reset=reset, chunk_size=chunk_size, impl=impl,
+      interpret=interpret))
+
+
+def _call(fn, x, **over):
+  x = {**x, **over}
+  return fn(x["q"], x["k"], x["v"], x["log_decay"], x["initial_state"], x["reset"])
+
+
+def _per_head_rel_err(ref, got):
+  """max |got - ref| / max |ref|, per head (axis 2 of [B,T,H,...], axis 1 of [B,H,...]),
+  so a strongly decaying head is judged on its own scale; returns the worst head."""
+  ref = np.asarray(ref, np.float64)
+  got = np.asarray(got, np.float64)
+  assert np.all(np.isfinite(got)), "non-finite values"
+  axis = 2 if ref.ndim >= 3 and ref.shape[:3] == (B, T, H) else 1
+  worst = 0.0
+  for h in range(H):
+    r, g_ = np.take(ref, h, axis=axis), np.take(got, h, axis=axis)
+    scale = np.max(np.abs(r))
+    if scale == 0.0:
+      assert np.max(np.abs(g_)) == 0.0
+      continue
+    worst = max(worst, np.max(np.abs(g_ - r)) / scale)
+  return worst
+
+
+def _rel_rms(ref, got):
+  ref = np.asarray(ref, np.float64)
+  got = np.asarray(got, np.float64)
+  assert np.all(np.isfinite(got)), "non-finite values"
+  return np.sqrt(np.mean((got - ref) ** 2) / np.mean(ref ** 2))
+
+
+@functools.lru_cache(maxsize=None)
+def _reference_result(kind, dtype_name="float32"):
+  x = _inputs(kind, jnp.dtype(dtype_name))
+  x32 = {n: (None if a is None else (a.astype(jnp.float32) if n in ("q", "k", "v") else a))
+         for n, a in x.items()}
+  return _call(_value_and_grad("reference"), x32)
+
+
+def _check_all(kind, impl, chunk_size, fwd_tol, grad_tol):
+  x = _inputs(kind)
+  o_r, s_r, g_r = _reference_result(kind)
+  o, s, grads = _call(_value_and_grad(impl, chunk_size), x)
+  assert o.dtype == x["q"].dtype and s.dtype == jnp.float32
+  assert o.shape == (B, T, H, DV) and s.shape == (B, H, DK, DV)
+  assert _per_head_rel_err(o_r, o) < fwd_tol
+  assert _per_head_rel_err(s_r, s) < fwd_tol
+  for name, gr, gg in zip(ARGS, g_r, grads):
+    if gr is None:
+      assert gg is None
+      continue
+    err = _per_head_rel_err(gr, gg)
+    assert err < grad_tol, f"d{name}: {err}"
+
+
+# ---------------------------------------------------------------------------------------
+# Correctness against the reference (fp32): outputs, final state, all gradients, with an
+# initial state and resets, near-1 and strongly decaying gates (see _inputs).
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("chunk_size", [16, 32, 64])
+@pytest.mark.parametrize("kind", KINDS)
+def test_xla_matches_reference(kind, chunk_size):
+  _check_all(kind, "xla", chunk_size, 1e-5, 1e-4)
+
+
+@pytest.mark.parametrize("impl", PALLAS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_pallas_matches_reference(kind, impl):
+  _check_all(kind, impl, 32, 1e-5, 1e-4)
+
+
+@pytest.mark.parametrize("chunk_size", [16, 64])
+@pytest.mark.parametrize("impl", PALLAS)
+def test_pallas_other_chunk_sizes_forward(impl, chunk_size):
+  x = _inputs("channel")
+  o_r, s_r, _ = _reference_result("channel")
+  o, s = _call(_forward(impl, chunk_size), x)
+  assert _per_head_rel_err(o_r, o) < 1e-5
+  assert _per_head_rel_err(s_r, s) < 1e-5
+
+
+def test_auto_is_xla_on_cpu_and_defaults():
+  x = _inputs("scalar")
+  o, s = linear_recurrence(x["q"], x["k"], x["v"], x["log_decay"])  # no state, no reset
+  o_r, s_r = linear_recurrence(x["q"], x["k"], x["v"], x["log_decay"], impl="reference")
+  assert _per_head_rel_err(o_r, o) < 1e-5 and _per_head_rel_err(s_r, s) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------
+# bf16 inputs with fp32 accumulation: relative RMS error against the fp32 reference.
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", ("xla",) + PALLAS)
+@pytest.mark.parametrize("kind", ("scalar", "channel"))
+def test_bf16_relative_rms(kind, impl):
+  x = _inputs(kind, jnp.bfloat16)
+  o_r, s_r, g_r = _reference_result(kind, "bfloat16")  # fp32 math on the same bf16 values
+  o, s, grads = _call(_value_and_grad(impl, 32), x)
+  assert o.dtype == jnp.bfloat16
+  assert _rel_rms(o_r, o) < 1e-2
+  assert _rel_rms(s_r, s) < 1e-2
+  for name, gr, gg in zip(ARGS, g_r, grads):
+    if name == "log_decay":  # judge the ordinary-gate head; the strong head is ~0
+      gr, gg = gr[:, :, 0], gg[:, :, 0]
+    assert _rel_rms(gr, gg) < 1e-2, name
+
+
+# ---------------------------------------------------------------------------------------
+# Documents, continuation, extremes.
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", ("reference", "xla") + PALLAS)
+def test_reset_blocks_information(impl):
+  x = _inputs("channel")
+  start = 29  # a document starts here in batch row 0
+  reset = x["reset"].at[0, start].set(True)
+  o1, s1 = _call(_forward(impl), x, reset=reset)
+  noise = jax.random.normal(jax.random.PRNGKey(7), (B, start, H, DK))
+  changed = dict(
+      q=x["q"].at[0, :start].add(noise[0]), k=x["k"].at[0, :start].add(noise[0]),
+      v=x["v"].at[0, :start].mul(-3.0),
+      log_decay=x["log_decay"].at[0, :start].add(-0.5),
+      initial_state=x["initial_state"] * 5.0)
+  o2, s2 = _call(_forward(impl), x, reset=reset, **changed)
+  np.testing.assert_allclose(o2[0, start:], o1[0, start:], rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(s2[0], s1[0], rtol=1e-6, atol=1e-6)
+  assert not np.allclose(o2[0, :start], o1[0, :start])
+
+
+@pytest.mark.parametrize("impl", ("xla",) + PALLAS)
+def test_two_calls_continue_exactly(impl):
+  x = _inputs("channel")
+  split = 21
+  first = {n: (a[:, :split] if n not in ("initial_state",) and a is not None else a)
+           for n, a in x.items()}
+  second = {n: (a[:, split:] if n not in ("initial_state",) and a is not None else a)
+            for n, a in x.items()}
+  fwd = _forward(impl)
+  o_all, s_all = _call(fwd, x)
+  o_a, s_a = linear_recurrence(**{n: first[n] for n in ("q", "k", "v", "log_decay")},
+                               initial_state=first["initial_state"], reset=first["reset"],
+                               chunk_size=32, impl=impl, interpret=impl in PALLAS)
+  o_b, s_b = linear_recurrence(**{n: second[n] for n in ("q", "k", "v", "log_decay")},
+                               initial_state=s_a, reset=second["reset"], chunk_size=32,
+                               impl=impl, interpret=impl in PALLAS)
+  np.testing.assert_allclose(jnp.concatenate([o_a, o_b], axis=1), o_all, rtol=1e-5,
+                             atol=1e-5)
+  np.testing.assert_allclose(s_b, s_all, rtol=1e-5, atol=1e-5)
+
+
+def test_extreme_gates_finite_xla_pallas():
+  # Gates far beyond the realistic range: -1e4 per step (exp underflows to exactly 0).
+  x = _inputs("channel")
+  g = x["log_decay"].at[:, :, 1].set(-1e4)
+  for impl in ("xla", "pallas_tpu"):
+    o, s, grads = _call(_value_and_grad(impl, 32), x, log_decay=g)
+    for a in (o, s) + tuple(grads):
+      assert np.all(np.isfinite(np.asarray(a))), impl
+
+
+def test_tpu_kernel_under_interpret_params_race_detection():
+  """The TPU kernel once under the TPU interpreter (memory spaces, DMAs, race checks)."""
+  ks = jax.random.split(jax.random.PRNGKey(3), 5)
+  b_, t_, h_, d_ = 1, 32, 1, 8
+  q = jax.random.normal(ks[0], (b_, t_, h_, d_))
+  k = jax.random.normal(ks[1], (b_, t_, h_, d_))
+  v = jax.random.normal(ks[2], (b_, t_, h_, d_))
+  g = jax.nn.log_sigmoid(jax.random.normal(ks[3], (b_, t_, h_)) + 2)
+  s0 = jax.random.normal(ks[4], (b_, h_, d_, d_))
+  reset = jnp.zeros((b_, t_), bool).at[0, 20].set(True)
+  params = pltpu.InterpretParams(detect_races=True)
+  try:
+    o, s = linear_recurrence(q, k, v, g, initial_state=s0, reset=reset, chunk_size=16,
+                             impl="pallas_tpu", interpret=params)
+    o_r, s_r = linear_recurrence(q, k, v, g, initial_state=s0, reset=reset,
+                                 impl="reference")
+    np.testing.assert_allclose(o, o_r, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(s, s_r, rtol=1e-5, atol=1e-5)
+    # The interpreter records races in a module-level state (no public accessor yet).
+    from jax._src.pallas.mosaic.interpret import interpret_pallas_call as ipc  # noqa: PLC0415
+    assert ipc.races is not None and not ipc.races.races_found
+  finally:
+    pltpu.reset_tpu_interpret_mode_state()
+
+
+def test_xla_long_sequence_stays_finite_and_exact():
+  """Numerics at length (T = 1,000,000): near-1 gates, state carried across ~62k chunks."""
+  t_long = 1_000_000
+  ks = jax.random.split(jax.random.PRNGKey(5), 4)
+  shape = (1, t_long, 1, 4)
+  q = jax.random.normal(ks[0], shape)
+  k = jax.random.normal(ks[1], shape) * 0.5
+  v = jax.random.normal(ks[2], shape)
+  g = -1e-3 * jax.random.uniform(ks[3], shape[:3])
+  o, s = jax.jit(lambda *a: linear_recurrence(*a, chunk_size=16, impl="xla"))(q, k, v, g)
+  o_r, s_r = jax.jit(lambda *a: linear_recurrence(*a, impl="reference"))(q, k, v, g)
+  assert np.all(np.isfinite(np.asarray(o))) and np.all(np.isfinite(np.asarray(s)))
+  window = slice(t_long - 1024, t_long)
+  np.testing.assert_allclose(o[:, window], o_r[:, window], rtol=1e-3,
+                             atol=1e-3 * float(jnp.max(jnp.abs(o_r[:, window]))))
+  np.testing.assert_allclose(s, s_r, rtol=1e-3, atol=1e-3 * float(jnp.max(jnp.abs(s_r))))
+
+
+# ---------------------------------------------------------------------------------------
+# Errors.
+# ---------------------------------------------------------------------------------------
+
+
+def test_bad_inputs_raise_clear_errors():
+  x = _inputs("scalar")
+  q, k, v = x["q"], x["k"], x["v"]
+  with pytest.raises(ValueError, match="log_decay"):
+    linear_recurrence(q, k, v, jnp.zeros((B, T)))
+  with pytest.raises(ValueError, match="initial_state"):
+    linear_recurrence(q, k, v, initial_state=jnp.zeros((B, H, DK, DK + 1)))
+  with pytest.raises(ValueError, match="reset"):
+    linear_recurrence(q, k, v, reset=jnp.zeros((B, T + 1), bool))
+  with pytest.raises(ValueError, match="k must"):
+    linear_recurrence(q, k[:, :-1], v)
+  with pytest.raises(ValueError, match="impl"):
+    linear_recurrence(q, k, v, impl="cuda")
+  with pytest.raises(ValueError, match="multiple of 16"):
+    linear_recurrence(q, k, v, impl="pallas_tpu", chunk_size=24, interpret=True)
+
+
+# ---------------------------------------------------------------------------------------
+# Lowering for hardware we do not have: export at a production shape, forward and backward.
+# ---------------------------------------------------------------------------------------
+
+PROD = dict(B=1, T=8192, H=8, D=128)
+
+
+def _prod_args(kind):
+  b_, t_, h_, d_ = PROD["B"], PROD["T"], PROD["H"], PROD["D"]
+  sd = jax.ShapeDtypeStruct
+  g = {"none": None, "scalar": sd((b_, t_, h_), jnp.float32),
+       "channel": sd((b_, t_, h_, d_), jnp.float32)}[kind]
+  bf = lambda: sd((b_, t_, h_, d_), jnp.bfloat16)
+  return (bf(), bf(), bf(), g, sd((b_, h_, d_, d_), jnp.float32), sd((b_, t_), jnp.bool_))
+
+
+def _export(fn, args, platform):
+  if platform == "tpu":
+    return jax.export.export(jax.jit(fn), platforms=["tpu"])(*args)
+  mesh = jax.sharding.AbstractMesh(
+      (1,), ("x",), abstract_device=jax.sharding.AbstractDevice(
+          device_kind="NVIDIA H100", num_cores=132, platform="gpu"))
+  with jax.sharding.use_abstract_mesh(mesh):
+    return jax.export.export(
+        jax.jit(fn), platforms=["cuda"],
+        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+    )(*args)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("impl,platform", [("pallas_tpu", "tpu"), ("pallas_gpu", "cuda")])
+def test_lowering_production_shape(impl, platform, kind):
+  args = _prod_args(kind)
+
+  def fwd(q, k, v, g, s0, reset):
+    return linear_recurrence(q, k, v, g, initial_state=s0, reset=reset, chunk_size=64,
+                             impl=impl)
+
+  def loss(q, k, v, g, s0, reset):
+    o, sf = fwd(q, k, v, g, s0, reset)
+    return jnp.sum(o.astype(jnp.float32)) + jnp.sum(sf)
+
+  argnums = (0, 1, 2, 4) if kind == "none" else (0, 1, 2, 3, 4)
+  marker = "tpu_custom_call" if platform == "tpu" else "__gpu$xla.gpu.triton"
+  exp_f = _export(fwd, args, platform)
+  assert exp_f.mlir_module().count(marker) == 1
+  exp_b = _export(jax.grad(loss, argnums=argnums), args, platform)
+  # backward = forward (with the excl. state) + the dq, dv, dk kernels
+  assert exp_b.mlir_module().count(marker) == 4
