@@ -215,10 +215,12 @@ def validate(c: ml_collections.ConfigDict, *, num_devices: int | None = None) ->
     if name not in registry.names():
       raise ConfigError(f"model.mixers.{name}", f"unknown mixer; choose from "
                         f"{', '.join(registry.names())}")
-    registry.validate(name, d_model, dict(overrides), prefix=f"model.mixers.{name}.")
+    registry.validate(name, d_model, dict(overrides), prefix=f"model.mixers.{name}.",
+                      seq_len=c.data.seq_len if name in names else None)
   for name in names:
     if name not in m.mixers:
-      registry.validate(name, d_model, {}, prefix=f"model.mixers.{name}.")
+      registry.validate(name, d_model, {}, prefix=f"model.mixers.{name}.",
+                        seq_len=c.data.seq_len)
 
   # train
   steps = _int(c, "train.steps", min_value=1)

@@ -82,13 +82,23 @@ def _build_config(name: str, d_model: int, overrides: Mapping[str, Any], prefix:
   return cls, cfg
 
 
-def validate(name: str, d_model: int, overrides: Mapping[str, Any], *, prefix: str = "") -> None:
+def validate(name: str, d_model: int, overrides: Mapping[str, Any], *, prefix: str = "",
+             seq_len: int | None = None) -> None:
   """Checks a mixer name, its override keys and values without building anything.
 
   Unknown name -> ConfigError("mixer", ...); unknown override key -> ConfigError(prefix + key,
   ...); a bad value -> the Config's own error with its field prefixed by ``prefix``.
+  A Config that constrains the training length (a block or chunk size that must divide it)
+  defines ``validate_seq_len(seq_len)``, raising ConfigError("seq_len", ...); it is called
+  when ``seq_len`` is given, and its error names ``data.seq_len``.
   """
-  _build_config(name, d_model, overrides, prefix)
+  _, cfg = _build_config(name, d_model, overrides, prefix)
+  if seq_len is not None and hasattr(cfg, "validate_seq_len"):
+    try:
+      cfg.validate_seq_len(seq_len)
+    except ConfigError as e:
+      message = str(e)[len(e.field) + 2:] if str(e).startswith(f"{e.field}: ") else str(e)
+      raise ConfigError("data.seq_len", f"{message} (mixer '{name}')") from None
 
 
 def create(name: str, *, d_model: int, rngs: nnx.Rngs, dtype=jnp.float32,

@@ -280,13 +280,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> dic
     progress.write(f"Resumed from step {start} ({ckpt.directory})")
   tokens_per_step = c.data.batch_size * c.data.seq_len
   pending: list[tuple[int, dict]] = []
-  last_loss = None
+  last_loss = last_acc = None
   t_first = None  # time after the first (compiling) step of this invocation
   eval_metrics = None
 
   def flush():
     """Moves pending step metrics to the host; stops (or reports a skip) on a bad step."""
-    nonlocal last_loss, pending
+    nonlocal last_loss, last_acc, pending
     for s, m in jax.device_get(pending):
       if not bool(m["finite"]):
         msg = (f"non-finite loss or gradient at step {s} (loss={float(m['loss'])}, "
@@ -296,7 +296,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> dic
         progress.write("skipped: " + msg)
       row = {k: float(v) for k, v in m.items() if k != "finite"}
       writer.write(s, row)
-      last_loss = row["loss"]
+      last_loss, last_acc = row["loss"], row["accuracy"]
     pending = []
 
   def tokens_per_second(done):
@@ -315,7 +315,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> dic
         t_first = time.time()
       if done % c.train.log_every == 0 or done == c.train.steps:
         flush()
-        progress.update(done, loss=last_loss, tok_s=round(tokens_per_second(done)))
+        progress.update(done, loss=last_loss, acc=last_acc,
+                        tok_s=round(tokens_per_second(done)))
       if done % c.train.eval_every == 0 or done == c.train.steps:
         eval_metrics = trainer.evaluate(params)
         writer.write(done, eval_metrics, split="eval")

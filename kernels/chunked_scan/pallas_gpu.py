@@ -43,11 +43,21 @@ def _dot(a, b, cdt, trans_a=False, trans_b=False):
                          preferred_element_type=F32)
 
 
+def _loop(n, body, init, unroll):
+  """``for j in range(n): carry = body(j, carry)``: unrolled in Python, or a ``fori_loop``
+  (an ``scf.for`` that Triton may unroll itself; also much faster to compile on CPU)."""
+  if unroll:
+    for j in range(n):
+      init = body(j, init)
+    return init
+  return lax.fori_loop(0, n, body, init)
+
+
 def _iota(shape, dim):
   return lax.broadcasted_iota(jnp.int32, shape, dim)
 
 
-def _kernel(*refs, kind, decay_on, strict, C, N, has_seg, has_s0, want_excl, cdt):
+def _kernel(*refs, kind, decay_on, strict, C, N, has_seg, has_s0, want_excl, cdt, unroll):
   it = iter(refs)
   q_ref, k_ref, v_ref = next(it), next(it), next(it)
   b_ref = next(it) if kind != "none" else None
@@ -136,7 +146,8 @@ def _kernel(*refs, kind, decay_on, strict, C, N, has_seg, has_s0, want_excl, cdt
           k_t = k.astype(F32) * jnp.exp(jnp.where(rows_c < r0, c - b, NEG_INF))
           a = _dot(q_i * jnp.exp(b_i - c), k_t, cdt, trans_b=True)
           a = jnp.where(cols < r0, a, 0.0)
-        for jj in range(L):
+
+        def diag(jj, a, q_i=q_i, b_i=b_i, r0=r0):
           k_j = k_ref[t0 + r0 + jj, :][None, :].astype(F32)
           b_j = b_ref[t0 + r0 + jj, :][None, :]
           causal = rows_l > jj if strict else rows_l >= jj
@@ -144,7 +155,9 @@ def _kernel(*refs, kind, decay_on, strict, C, N, has_seg, has_s0, want_excl, cdt
           if not strict:
             expo = jnp.where(rows_l == jj, 0.0, expo)
           col = jnp.sum(q_i * k_j * jnp.exp(expo), axis=1, keepdims=True)
-          a = a + jnp.where(cols == r0 + jj, col, 0.0)
+          return a + jnp.where(cols == r0 + jj, col, 0.0)
+
+        a = _loop(L, diag, a, unroll)
         if same is not None:
           a = jnp.where(same, a, 0.0)
         o_i = o_i + _dot(a, v, cdt)
@@ -157,7 +170,8 @@ def _kernel(*refs, kind, decay_on, strict, C, N, has_seg, has_s0, want_excl, cdt
           c = b_ref[t0 + r0 - 1, :][None, :]
           v_t = v.astype(F32) * jnp.exp(jnp.where(rows_c < r0, c - b, NEG_INF))
           o_i = o_i + jnp.exp(b_i - c) * _dot(jnp.where(cols < r0, m, 0.0), v_t, cdt)
-        for jj in range(L):
+
+        def diag(jj, o_i, m=m, b_i=b_i, r0=r0):
           m_j = jnp.sum(jnp.where(cols == r0 + jj, m, 0.0), axis=1, keepdims=True)
           v_j = v_ref[t0 + r0 + jj, :][None, :].astype(F32)
           b_j = b_ref[t0 + r0 + jj, :][None, :]
@@ -165,7 +179,9 @@ def _kernel(*refs, kind, decay_on, strict, C, N, has_seg, has_s0, want_excl, cdt
           expo = jnp.where(causal, b_i - b_j, NEG_INF)
           if not strict:
             expo = jnp.where(rows_l == jj, 0.0, expo)
-          o_i = o_i + m_j * v_j * jnp.exp(expo)
+          return o_i + m_j * v_j * jnp.exp(expo)
+
+        o_i = _loop(L, diag, o_i, unroll)
       o_ref[pl.ds(t0 + r0, L), :] = o_i.astype(o_ref.dtype)
     e_end = b_last[None, :] - b
     if has_seg:
@@ -256,7 +272,8 @@ def forward(q, k, v, b, seg, s0, *, chunk, decay_on="key", strict=False, out_dty
     out_shape.append(state_shape)
     out_specs.append(state_spec)
   kernel = functools.partial(_kernel, kind=kind, decay_on=decay_on, strict=strict, C=C, N=N,
-                             has_seg=has_seg, has_s0=has_s0, want_excl=want_excl, cdt=cdt)
+                             has_seg=has_seg, has_s0=has_s0, want_excl=want_excl, cdt=cdt,
+                             unroll=False)
   o, *states = pl.pallas_call(
       kernel,
       out_shape=tuple(out_shape),

@@ -52,6 +52,16 @@ def _dot(a, b, cdt, trans_a=False, trans_b=False):
                          preferred_element_type=F32)
 
 
+def _loop(n, body, init, unroll):
+  """``for j in range(n): carry = body(j, carry)``: a Python loop (static j, unrolled) for
+  hardware, a ``fori_loop`` in interpret mode (much faster to compile on CPU)."""
+  if unroll:
+    for j in range(n):
+      init = body(j, init)
+    return init
+  return lax.fori_loop(0, n, body, init)
+
+
 def _pick_row(x, i):
   """Row ``i`` (static) of a 2-D value as a ``(1, n)`` value (masked sublane reduce)."""
   rows = lax.broadcasted_iota(jnp.int32, x.shape, 0)
@@ -64,7 +74,7 @@ def _pick_col(x, j):
   return jnp.sum(jnp.where(cols == j, x, 0.0), axis=1, keepdims=True)
 
 
-def _kernel(*refs, kind, decay_on, strict, C, has_seg, has_s0, want_excl, cdt):
+def _kernel(*refs, kind, decay_on, strict, C, has_seg, has_s0, want_excl, cdt, unroll):
   it = iter(refs)
   q_ref, k_ref, v_ref = next(it), next(it), next(it)
   if kind == "scalar":
@@ -136,13 +146,15 @@ def _kernel(*refs, kind, decay_on, strict, C, has_seg, has_s0, want_excl, cdt):
                                strict=strict, has_seg=has_seg,
                                scol_ref=scol_ref if has_seg else None,
                                srow_ref=srow_ref if has_seg else None,
-                               to_end=to_end, keeps=keeps, cdt=cdt, self_zero=self_zero)
+                               to_end=to_end, keeps=keeps, cdt=cdt, self_zero=self_zero,
+                               unroll=unroll)
   else:
     decay, lhs, rhs = _channel_value_chunk(q_ref, k_ref, v_ref, b_ref, o_ref, s, C=C, strict=strict,
                                  has_seg=has_seg,
                                  scol_ref=scol_ref if has_seg else None,
                                  srow_ref=srow_ref if has_seg else None,
-                                 to_end=to_end, keeps=keeps, cdt=cdt, self_zero=self_zero)
+                                 to_end=to_end, keeps=keeps, cdt=cdt, self_zero=self_zero,
+                                 unroll=unroll)
   # S_new = decay * S + lhs^T rhs; the last row of lhs / rhs is the last token's k v^T.
   s_new = decay * s + _dot(lhs, rhs, cdt, trans_a=True)
   st_ref[...] = s_new
@@ -172,7 +184,7 @@ def _sub_masks(I, C, L, strict, has_seg, scol_ref, srow_ref):
 
 
 def _channel_key_chunk(q_ref, k_ref, v_ref, b_ref, blc_ref, o_ref, s, *, C, strict, has_seg,
-                       scol_ref, srow_ref, to_end, keeps, cdt, self_zero):
+                       scol_ref, srow_ref, to_end, keeps, cdt, self_zero, unroll):
   """Per-key-channel decays (GLA): ``A_ij = sum_d q_i[d] k_j[d] exp(b_i[d] - b_j[d])``."""
   L = SUB if C % SUB == 0 else C
   k = k_ref[...]
@@ -199,7 +211,8 @@ def _channel_key_chunk(q_ref, k_ref, v_ref, b_ref, blc_ref, o_ref, s, *, C, stri
     # inside the sub-chunk: exact element-wise decays, one key column at a time
     rows_l = lax.broadcasted_iota(jnp.int32, (L, 1), 0)
     cols = lax.broadcasted_iota(jnp.int32, (L, C), 1)
-    for jj in range(L):
+
+    def diag(jj, a, q_i=q_i, k_i=k_i, b_i=b_i, r0=r0):
       k_j = _pick_row(k_i, jj)
       b_j = _pick_row(b_i, jj)
       causal = rows_l > jj if strict else rows_l >= jj
@@ -207,7 +220,9 @@ def _channel_key_chunk(q_ref, k_ref, v_ref, b_ref, blc_ref, o_ref, s, *, C, stri
       if not strict:
         expo = jnp.where(rows_l == jj, 0.0, expo)
       col = jnp.sum(q_i * k_j * jnp.exp(expo), axis=1, keepdims=True)  # (L, 1)
-      a = a + jnp.where(cols == r0 + jj, col, 0.0)
+      return a + jnp.where(cols == r0 + jj, col, 0.0)
+
+    a = _loop(L, diag, a, unroll)
     if same is not None:
       a = jnp.where(same, a, 0.0)
     o_i = o_i + _dot(a, v, cdt)
@@ -224,7 +239,7 @@ def _channel_key_chunk(q_ref, k_ref, v_ref, b_ref, blc_ref, o_ref, s, *, C, stri
 
 
 def _channel_value_chunk(q_ref, k_ref, v_ref, b_ref, o_ref, s, *, C, strict, has_seg,
-                         scol_ref, srow_ref, to_end, keeps, cdt, self_zero):
+                         scol_ref, srow_ref, to_end, keeps, cdt, self_zero, unroll):
   """Per-value-channel decays: ``o_i[e] = sum_j (q_i . k_j) v_j[e] exp(b_i[e] - b_j[e])``."""
   L = SUB if C % SUB == 0 else C
   k = k_ref[...]
@@ -248,7 +263,8 @@ def _channel_value_chunk(q_ref, k_ref, v_ref, b_ref, o_ref, s, *, C, strict, has
       v_t = vf * jnp.exp(jnp.where(rows_c < r0, c - b, NEG_INF))
       o_i = o_i + jnp.exp(b_i - c) * _dot(jnp.where(off_mask, m, 0.0), v_t, cdt)
     rows_l = lax.broadcasted_iota(jnp.int32, (L, 1), 0)
-    for jj in range(L):
+
+    def diag(jj, o_i, m=m, v_i=v_i, b_i=b_i, r0=r0):
       m_j = _pick_col(m, r0 + jj)  # (L, 1)
       v_j = _pick_row(v_i, jj)
       b_j = _pick_row(b_i, jj)
@@ -256,7 +272,9 @@ def _channel_value_chunk(q_ref, k_ref, v_ref, b_ref, o_ref, s, *, C, strict, has
       expo = jnp.where(causal, b_i - b_j, NEG_INF)
       if not strict:
         expo = jnp.where(rows_l == jj, 0.0, expo)
-      o_i = o_i + m_j * v_j * jnp.exp(expo)
+      return o_i + m_j * v_j * jnp.exp(expo)
+
+    o_i = _loop(L, diag, o_i, unroll)
     o_ref[pl.ds(r0, L), :] = o_i.astype(o_ref.dtype)
   bl = _pick_row(b, C - 1)  # (1, Dv)
   e_end = bl - b
@@ -352,7 +370,8 @@ def forward(q, k, v, b, seg, s0, *, chunk, decay_on="key", strict=False, out_dty
     in_specs.append(state_spec)
     args.append(s0.astype(F32))
   kernel = functools.partial(_kernel, kind=kind, decay_on=decay_on, strict=strict, C=C,
-                             has_seg=has_seg, has_s0=has_s0, want_excl=want_excl, cdt=cdt)
+                             has_seg=has_seg, has_s0=has_s0, want_excl=want_excl, cdt=cdt,
+                             unroll=not interpret)
   state_shape = jax.ShapeDtypeStruct((B, H, Dk, Dv), F32)
   out_shape = [jax.ShapeDtypeStruct(_tok_layout_shape(B, Tp, H, Dv), out_dtype), state_shape]
   out_specs = [_tok_spec(C, Dv), state_spec]

@@ -1,5 +1,6 @@
 """Config validation: every bad value fails before anything is built, naming its field."""
 
+import dataclasses
 import subprocess
 import sys
 
@@ -8,6 +9,7 @@ import pytest
 from configs import mqar
 from layers.common import ConfigError
 from lcm import config as config_lib
+from lcm import registry
 
 
 def _set(c, path, value):
@@ -96,3 +98,30 @@ def test_cli_reports_config_error_without_traceback(tmp_path):
        f"--workdir={tmp_path}"], capture_output=True, text=True, timeout=300)
   assert proc.returncode != 0
   assert "model.pattern" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+@dataclasses.dataclass(frozen=True)
+class _BlockyConfig:
+  block_size: int = 16
+
+  def validate(self, d_model):
+    del d_model
+
+  def validate_seq_len(self, seq_len):
+    if seq_len % self.block_size:
+      raise ConfigError("seq_len", f"must be a multiple of block_size={self.block_size}")
+
+
+class Blocky:  # a stand-in mixer whose block size must divide the training length
+  Config = _BlockyConfig
+
+
+def test_seq_len_must_fit_a_mixers_block_size(monkeypatch):
+  monkeypatch.setitem(registry._TABLE, "blocky", (__name__, "Blocky", {}))
+  c = mqar.get_config("blocky")
+  c.data.seq_len = 64
+  config_lib.validate(c, num_devices=1)
+  c.data.seq_len = 72
+  with pytest.raises(ConfigError) as e:
+    config_lib.validate(c, num_devices=1)
+  assert e.value.field == "data.seq_len" and "block_size=16" in str(e.value)

@@ -192,3 +192,19 @@ def test_nan_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):
 def _with_step(trainer, fn):
   trainer.train_step = fn
   return trainer
+
+
+def test_optimizer_honours_parameter_tags():
+  c = tiny_config()
+  c.train.lr, c.train.warmup_steps, c.train.weight_decay = 1.0, 0, 0.5
+  c.train.param_groups = {"no_decay": {"weight_decay": 0.0}, "ssm": {"lr": 1e-3}}
+  params = {"w": np.ones((2, 2), np.float32), "scale": np.ones((2,), np.float32),
+            "A_log": np.ones((2,), np.float32)}
+  labels = {"w": train.DEFAULT_LABEL, "scale": "no_decay", "A_log": "ssm"}
+  tx = train.build_optimizer(c.train, labels)
+  zero = jax.tree.map(np.zeros_like, params)
+  updates, _ = tx.update(zero, tx.init(params), params)
+  # zero gradients: the update is pure weight decay, -lr * wd * p (step 0: lr = peak)
+  np.testing.assert_allclose(updates["w"], -0.5 * np.ones((2, 2)), rtol=1e-6)
+  np.testing.assert_allclose(updates["scale"], 0.0)
+  np.testing.assert_allclose(updates["A_log"], -1e-3 * 0.5 * np.ones(2), rtol=1e-6)  # lr capped
