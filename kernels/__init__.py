@@ -7,4 +7,6 @@ implementations. See ``DESIGN.md`` ("The kernel contract").
   * :mod:`kernels.chunked_scan`: ``linear_recurrence`` -- gated linear recurrence
     ``S_t = diag(exp(g_t)) S_{t-1} + k_t v_t^T``, ``o_t = S_t^T q_t`` (linear attention,
     RetNet, Mamba2/SSD, GLA).
+  * :mod:`kernels.delta_rule` (DeltaNet, Gated DeltaNet) and :mod:`kernels.diag_scan`
+    (element-wise ``h_t = a_t h_{t-1} + b_t``) follow the same contract.
 """

@@ -31,6 +31,7 @@ from lcm import metrics as metrics_lib
 from lcm import model as model_lib
 from lcm import sharding as sharding_lib
 from lcm.data import pipeline
+from lcm.evals import plots
 
 DEFAULT_LABEL = "default"
 
@@ -344,4 +345,5 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> dic
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
       json.dump(out, f, indent=2)
+    plots.plot_training_curves(workdir)
   return out

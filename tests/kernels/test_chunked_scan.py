@@ -18,6 +18,9 @@ from jax.experimental.pallas import tpu as pltpu
 
 from kernels.chunked_scan import linear_recurrence
 
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
+
 B, T, H, DK, DV = 2, 50, 2, 8, 8  # T is not a multiple of any chunk size used
 KINDS = ("none", "scalar", "channel")
 PALLAS = ("pallas_tpu", "pallas_gpu")
@@ -182,10 +185,32 @@ def test_pallas_other_chunk_sizes_forward(impl, chunk_size):
   assert _per_head_rel_err(s_r, s) < 1e-5
 
 
+@pytest.mark.parametrize("impl", PALLAS)
+def test_pallas_head_dims_forward(impl):
+  """Dk = 128 (TPU: lane-dense [B, T, H*D] view) with Dv = 48 (TPU: transposed layout;
+  GPU: zero-padded to 64), per-channel decays, initial state and a reset."""
+  ks = jax.random.split(jax.random.PRNGKey(11), 5)
+  b_, t_, h_, dk, dv = 1, 40, 2, 128, 48
+  q = jax.random.normal(ks[0], (b_, t_, h_, dk)) / np.sqrt(dk)
+  k = jax.random.normal(ks[1], (b_, t_, h_, dk)) / np.sqrt(dk)
+  v = jax.random.normal(ks[2], (b_, t_, h_, dv))
+  g = jax.nn.log_sigmoid(jax.random.normal(ks[3], (b_, t_, h_, dk)) + 3.0)
+  s0 = jax.random.normal(ks[4], (b_, h_, dk, dv))
+  reset = jnp.zeros((b_, t_), bool).at[0, 25].set(True)
+  o, s = _jit(lambda *a: linear_recurrence(*a[:4], initial_state=a[4], reset=a[5],
+                                           chunk_size=32, impl=impl, interpret=True))(
+                                               q, k, v, g, s0, reset)
+  o_r, s_r = _jit(lambda *a: linear_recurrence(*a[:4], initial_state=a[4], reset=a[5],
+                                               impl="reference"))(q, k, v, g, s0, reset)
+  np.testing.assert_allclose(o, o_r, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(o_r))))
+  np.testing.assert_allclose(s, s_r, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(s_r))))
+
+
 def test_auto_is_xla_on_cpu_and_defaults():
   x = _inputs("scalar")
-  o, s = linear_recurrence(x["q"], x["k"], x["v"], x["log_decay"])  # no state, no reset
-  o_r, s_r = linear_recurrence(x["q"], x["k"], x["v"], x["log_decay"], impl="reference")
+  args = (x["q"], x["k"], x["v"], x["log_decay"])  # no initial state, no reset
+  o, s = _jit(lambda *a: linear_recurrence(*a))(*args)
+  o_r, s_r = _jit(lambda *a: linear_recurrence(*a, impl="reference"))(*args)
   assert _per_head_rel_err(o_r, o) < 1e-5 and _per_head_rel_err(s_r, s) < 1e-5
 
 

@@ -158,6 +158,7 @@ def test_run_writes_summary_and_resumes_when_done(tmp_path):
   assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2, 3, 4, 5, 6]
   assert [r["step"] for r in rows if r["split"] == "eval"] == [3, 6]
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tb"))
+  assert (tmp_path / "curves.png").stat().st_size > 1000
   again = train.run(c, str(tmp_path), devices=jax.devices()[:1])  # nothing left to train
   assert again["resumed_from"] == 6
   assert again["eval_accuracy"] == s["eval_accuracy"]
