@@ -209,3 +209,43 @@ def test_optimizer_honours_parameter_tags():
   np.testing.assert_allclose(updates["w"], -0.5 * np.ones((2, 2)), rtol=1e-6)
   np.testing.assert_allclose(updates["scale"], 0.0)
   np.testing.assert_allclose(updates["A_log"], -1e-3 * 0.5 * np.ones(2), rtol=1e-6)  # lr capped
+
+
+def _free_port():
+  import socket  # pylint: disable=g-import-not-at-top
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_match_one_process_and_restore_on_another_mesh(sharded, tmp_path):
+  """2 processes x 4 CPU devices on 127.0.0.1 == 1 process x 8 devices, same mesh."""
+  t8, losses8, params8, _ = sharded
+  workdir = tmp_path / "mp"
+  port = _free_port()
+  cmd = _cmd(workdir, 10) + ["--config.mesh.data=2", "--config.mesh.fsdp=2",
+                             "--config.mesh.tensor=2"]
+  procs = []
+  for i in range(2):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "4",
+           "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo", "LCM_COORDINATOR": f"127.0.0.1:{port}",
+           "LCM_NUM_PROCESSES": "2", "LCM_PROCESS_ID": str(i)}
+    procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True))
+  outs = [p.communicate(timeout=600)[0] for p in procs]
+  assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
+  losses2 = _loss_by_step(workdir)
+  np.testing.assert_allclose([losses2[s] for s in range(1, 11)], losses8, rtol=0, atol=1e-5)
+
+  # The 2-process checkpoint restores in this single process on a different mesh.
+  c = tiny_config(**{"mesh.data": 1, "mesh.fsdp": 4, "mesh.tensor": 2})
+  t = train.Trainer(c)
+  from lcm import checkpoint  # pylint: disable=g-import-not-at-top
+  ck = checkpoint.Checkpointer(str(workdir / "checkpoints"), async_save=False)
+  assert ck.latest_step() == 10
+  restored = ck.restore(10, t.abstract_state())
+  ck.close()
+  emb = restored["params"]["embed"]
+  assert emb.sharding.spec == P("tensor", "fsdp") and dict(t.mesh.shape)["fsdp"] == 4
+  for a, b in zip(jax.tree.leaves(restored["params"]), jax.tree.leaves(params8)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5)
