@@ -132,3 +132,95 @@ def segment_positions(segment_ids: jax.Array | None, batch: int, length: int) ->
       [jnp.ones((batch, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
   first = jax.lax.cummax(jnp.where(start, idx, 0), axis=1)
   return idx - first
+
+
+def _uniform_init(bound: float) -> Initializer:
+  def init(key, shape, dtype):
+    return jax.random.uniform(key, shape, jnp.float32, -bound, bound).astype(dtype)
+  return init
+
+
+class ShortConv(nnx.Module):
+  """Causal depthwise 1-D convolution of width ``kernel_size`` over time (Mamba's conv1d,
+  the short convolutions of DeltaNet / Based / GLA layers).
+
+  y_t[c] = sum_{j=0}^{K-1} w[K-1-j, c] * x_{t-j}[c] (+ b[c]). With ``segment_ids`` no tap
+  reaches into a previous document. ``step`` keeps the last K-1 inputs as its state, so
+  parallel and step forms agree exactly. Init as PyTorch's depthwise Conv1d
+  (U(-1/sqrt(K), 1/sqrt(K)), fan-in = K).
+  """
+
+  def __init__(self, channels: int, kernel_size: int = 4, *, use_bias: bool = True,
+               axis_name: str = "mlp", dtype=jnp.float32, param_dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    self.kernel_size = kernel_size
+    self.channels = channels
+    self.dtype = dtype
+    bound = kernel_size ** -0.5
+    self.kernel = param(rngs, _uniform_init(bound), (kernel_size, channels),
+                        ("conv", axis_name), param_dtype)
+    self.bias = (param(rngs, _uniform_init(bound), (channels,), (axis_name,), param_dtype,
+                       tag="no_decay") if use_bias else None)
+
+  def _taps(self, window: jax.Array) -> jax.Array:
+    """window: [B, T + K - 1, C] (K-1 history tokens first) -> [B, T, C]."""
+    k = self.kernel_size
+    t = window.shape[1] - (k - 1)
+    w = self.kernel[...].astype(self.dtype)
+    y = sum(window[:, i:i + t] * w[i] for i in range(k))
+    if self.bias is not None:
+      y = y + self.bias[...].astype(self.dtype)
+    return y
+
+  def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+    k = self.kernel_size
+    x = x.astype(self.dtype)
+    b, t, c = x.shape
+    if segment_ids is None:
+      return self._taps(jnp.pad(x, ((0, 0), (k - 1, 0), (0, 0))))
+    # Tap i (lag k-1-i) only sees tokens of the same document.
+    xp = jnp.pad(x, ((0, 0), (k - 1, 0), (0, 0)))
+    sp = jnp.pad(segment_ids, ((0, 0), (k - 1, 0)), constant_values=-1)
+    w = self.kernel[...].astype(self.dtype)
+    y = 0
+    for i in range(k):
+      same = (sp[:, i:i + t] == segment_ids)[..., None]
+      y = y + jnp.where(same, xp[:, i:i + t], 0) * w[i]
+    if self.bias is not None:
+      y = y + self.bias[...].astype(self.dtype)
+    return y
+
+  def init_state(self, batch: int, dtype=jnp.float32) -> jax.Array:
+    return jnp.zeros((batch, self.kernel_size - 1, self.channels), dtype)
+
+  def step(self, x: jax.Array, state: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """x: [B, t, C]; state: the previous K-1 inputs [B, K-1, C]."""
+    window = jnp.concatenate([state.astype(self.dtype), x.astype(self.dtype)], axis=1)
+    y = self._taps(window)
+    return y, window[:, window.shape[1] - (self.kernel_size - 1):].astype(state.dtype)
+
+
+class GatedRMSNorm(nnx.Module):
+  """RMSNorm with a SiLU gate (Mamba2's and FLA's gated norm), in fp32.
+
+  ``norm_before_gate=True``: rmsnorm(x) * silu(z) (FLA ``FusedRMSNormGated``);
+  ``False``: rmsnorm(x * silu(z)) (Mamba2's default). Normalises over the last axis:
+  reshape to [..., heads, head_dim] first for a per-head (grouped) norm.
+  """
+
+  def __init__(self, dim: int, *, eps: float = 1e-5, norm_before_gate: bool = True,
+               axis_name: str | None = None, dtype=jnp.float32, param_dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    self.eps = eps
+    self.norm_before_gate = norm_before_gate
+    self.dtype = dtype
+    self.scale = param(rngs, ones_init, (dim,), (axis_name,), param_dtype, tag="no_decay")
+
+  def __call__(self, x: jax.Array, z: jax.Array) -> jax.Array:
+    x32, g = x.astype(jnp.float32), jax.nn.silu(z.astype(jnp.float32))
+    if not self.norm_before_gate:
+      x32 = x32 * g
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    if self.norm_before_gate:
+      y = y * g
+    return (y * self.scale[...].astype(jnp.float32)).astype(self.dtype)

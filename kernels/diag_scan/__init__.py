@@ -18,9 +18,13 @@ keeps near-1 decays exact; raw decays are never multiplied over long spans.
 
 Implementations (``impl``):
   * ``"reference"``: per-token ``lax.scan``; the ground truth (slow, O(T) sequential steps).
-  * ``"xla"``: ``jax.lax.associative_scan`` over time with decays composed in log space
-    (:func:`reference.diagonal_recurrence_associative`), fp32 compute, differentiated by
-    ordinary autodiff; the default on CPU and the path for complex inputs.
+  * ``"xla"``: two-level chunked jnp form (:func:`reference.diagonal_recurrence_chunked`):
+    a ``lax.scan`` over the C positions of a chunk vectorised over all chunks, then a
+    ``lax.scan`` handing the carry across the T/C chunks (O(T) work, C + T/C sequential
+    steps), decays summed in log space, fp32 compute, differentiated by ordinary autodiff;
+    the default on CPU and the path for complex inputs.
+    (:func:`reference.diagonal_recurrence_associative`, a ``jax.lax.associative_scan`` with
+    the same log-space operator, is the log-depth alternative; tested, not dispatched.)
   * ``"pallas_tpu"``: Mosaic TPU kernel, grid (B, channel blocks of rows x 128 lanes,
     chunks of ``chunk_size`` tokens) with the carry in VMEM scratch.
   * ``"pallas_gpu"``: Pallas Triton kernel, grid (B, channel blocks), time looped in-kernel
@@ -58,7 +62,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from kernels.diag_scan.reference import (check_inputs, diagonal_recurrence_associative,
+from kernels.diag_scan.reference import (check_inputs, diagonal_recurrence_chunked,
                                          diagonal_recurrence_reference, state_dtype)
 
 __all__ = ["diagonal_recurrence", "IMPLS"]
@@ -89,8 +93,8 @@ def diagonal_recurrence(log_a, b, *, initial_state=None, reset=None, chunk_size:
     b: ``[B, T, ...channels]`` per-step inputs (at least one channel axis).
     initial_state: ``[B, ...channels]`` or ``None`` (zeros).
     reset: ``[B, T]`` bool or ``None``; True at the first token of a document.
-    chunk_size: tokens per grid step of ``"pallas_tpu"`` (any T works: T is padded);
-      ignored by the other implementations.
+    chunk_size: tokens per chunk of ``"xla"`` and per grid step of ``"pallas_tpu"`` (any
+      T works: T is padded); ignored by ``"reference"`` and ``"pallas_gpu"``.
     impl: one of ``"auto", "reference", "xla", "pallas_tpu", "pallas_gpu"``.
     interpret: run a Pallas implementation in interpret mode (CPU); may be a
       ``pltpu.InterpretParams`` for ``"pallas_tpu"``.
@@ -110,14 +114,14 @@ def diagonal_recurrence(log_a, b, *, initial_state=None, reset=None, chunk_size:
     reset = reset.astype(bool)
   if impl == "reference":
     return diagonal_recurrence_reference(log_a, b, initial_state, reset)
-  if impl == "xla":
-    return diagonal_recurrence_associative(log_a, b, initial_state, reset)
-  if is_complex:
-    raise ValueError(f"impl={impl!r} supports real inputs only; use impl='xla' (or "
-                     f"'auto') for complex log_a / b (S4D).")
   chunk_size = int(chunk_size)
   if chunk_size < 1:
     raise ValueError(f"chunk_size must be a positive integer; got {chunk_size}.")
+  if impl == "xla":
+    return diagonal_recurrence_chunked(log_a, b, initial_state, reset, chunk_size)
+  if is_complex:
+    raise ValueError(f"impl={impl!r} supports real inputs only; use impl='xla' (or "
+                     f"'auto') for complex log_a / b (S4D).")
   if isinstance(interpret, bool) or interpret is None:
     interpret_key = bool(interpret)
   else:

@@ -159,9 +159,20 @@ def test_matches_reference(impl, shape_name):
 
 
 @pytest.mark.parametrize("chunk_size", [7, 32, 64])
-def test_pallas_tpu_other_chunk_sizes(chunk_size):
-  """Grads too: the reverse kernel walks the same padded chunks backwards."""
-  _check_all("btd", "pallas_tpu", chunk_size)
+@pytest.mark.parametrize("impl", ("xla", "pallas_tpu"))
+def test_other_chunk_sizes(impl, chunk_size):
+  """T = 50 against chunks of 7, 32, 64 (one chunk longer than T), gradients too (the TPU
+  reverse kernel walks the same front-padded chunks backwards)."""
+  _check_all("btd", impl, chunk_size)
+
+
+def test_associative_form_matches_reference():
+  """The log-depth ``associative_scan`` form (not dispatched; kept for accelerators)."""
+  from kernels.diag_scan.reference import diagonal_recurrence_associative  # noqa: PLC0415
+  x = _inputs("btdn")
+  h_r, s_r, _ = _reference_result("btdn")
+  h, s = _call(_jit(diagonal_recurrence_associative), x)
+  assert _per_group_rel_err(h_r, h) < 1e-5 and _per_group_rel_err(s_r, s) < 1e-5
 
 
 def test_auto_is_xla_on_cpu_and_defaults():
@@ -233,8 +244,7 @@ def test_complex_xla_matches_reference():
   scale = lambda r: float(np.max(np.abs(np.asarray(r))))
   for r, g_ in [(h_r, h), (s_r, s)] + list(zip(g_r, grads)):
     assert np.max(np.abs(np.asarray(g_) - np.asarray(r))) < 1e-5 * scale(r)
-  h_auto, _ = diagonal_recurrence(x["log_a"], x["b"], initial_state=x["initial_state"],
-                                  reset=x["reset"])  # auto: complex -> xla on any backend
+  h_auto, _ = _call(_forward("auto"), x)  # auto: complex -> xla on any backend
   assert np.max(np.abs(np.asarray(h_auto) - np.asarray(h_r))) < 1e-5 * scale(h_r)
   with pytest.raises(ValueError, match="real inputs only"):
     diagonal_recurrence(x["log_a"], x["b"], impl="pallas_tpu", interpret=True)
