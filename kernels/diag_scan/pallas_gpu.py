@@ -5,7 +5,8 @@ RG-LRU (De et al. 2024, Griffin). GPU grid programs run in parallel, so unlike t
 kernel the time loop is *inside* the program: grid ``(B, F / BD)`` over batch rows and
 blocks of BD flattened channels, and each program walks the whole sequence with
 ``lax.fori_loop``, one token per step, carrying its fp32 ``(BD,)`` slice of the state in
-registers (channels are independent, so they split across programs freely). Each step
+registers (channels are independent, so they split across programs freely; blocks are small,
+32 channels and one warp by default, to give the GPU enough programs). Each step
 loads one contiguous row of BD channels (coalesced), applies ``exp`` to the log decay and
 a multiply-add, and stores the row (the loads do not depend on the carry, only the
 multiply-add chain is sequential).
@@ -66,9 +67,14 @@ def _pad_last(x, n):
 
 
 def forward(la, b, h0, *, chunk=None, reverse=False, out_dtype=None, interpret=False,
-            block_d=256, num_warps=4):
+            block_d=32, num_warps=1):
   """Run the kernel on prepared inputs (same contract as ``pallas_tpu.forward``; ``chunk``
-  is accepted for a uniform call and unused: the time loop is per token)."""
+  is accepted for a uniform call and unused: the time loop is per token).
+
+  The only parallelism is over batch rows and channels, so blocks are small: by default
+  one warp per 32 channels (a single 128-byte row load per token), which gives
+  B * F / 32 programs (64 for B=1, F=2048; 512 for Mamba's D=1024, N=16).
+  """
   del chunk
   B, T, F = b.shape
   out_dtype = out_dtype or b.dtype

@@ -48,6 +48,8 @@ def check_inputs(log_a, b, initial_state=None, reset=None):
   if b.ndim < 3:
     raise ValueError(f"b must be [B, T, ...channels] with at least one channel axis "
                      f"(e.g. [B,T,D] or [B,T,D,N]); got shape {b.shape}.")
+  if not jnp.issubdtype(b.dtype, jnp.inexact):
+    raise ValueError(f"b must be a floating or complex array; got dtype {b.dtype}.")
   try:
     shape = jnp.broadcast_shapes(jnp.shape(log_a), b.shape)
   except ValueError:
