@@ -5,6 +5,7 @@ PY := $(VENV)/bin/python
 WORKDIR ?= runs/mqar_attention
 CONFIG ?= configs/mqar.py:attention
 PYTEST_ARGS ?=
+TEST_WORKERS ?= 2
 
 # The first interpreter that is Python >= 3.12: $(PYTHON) if given, then the usual names,
 # then pyenv / uv installs (whose shims may exist without a working interpreter).
@@ -42,7 +43,7 @@ train: $(VENV)/.base
 	@echo "Results: $(WORKDIR)/summary.json, metrics $(WORKDIR)/metrics.jsonl, TensorBoard: $(WORKDIR)/tb, checkpoints $(WORKDIR)/checkpoints"
 
 test: $(VENV)/.dev
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
