@@ -18,7 +18,7 @@ from lcm import registry
 
 DTYPES = ("float32", "bfloat16")
 NAN_POLICIES = ("stop", "skip")
-TASKS = ("mqar",)
+TASKS = ("mqar", "text")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -182,6 +182,19 @@ def validate(c: ml_collections.ConfigDict, *, num_devices: int | None = None) ->
     mqar.MQARConfig(vocab_size=c.data.vocab_size, seq_len=c.data.seq_len,
                     num_kv_pairs=c.data.num_kv_pairs, power_a=c.data.power_a,
                     random_non_queries=c.data.random_non_queries).validate(prefix="data")
+
+  elif task == "text":
+    from lcm.data import pipeline, text  # pylint: disable=g-import-not-at-top
+    tcfg = pipeline.text_config(c.data)
+    tok = text.make_tokenizer(tcfg)
+    if c.data.get("vocab_size", 0) < tok.vocab_size:
+      raise ConfigError("data.vocab_size", f"must be >= the {tcfg.tokenizer} tokenizer's "
+                        f"vocabulary {tok.vocab_size} (got {c.data.get('vocab_size')})")
+    valid = text.load_corpus(tcfg, "validation")
+    if c.eval.num_examples > valid.num_rows:
+      raise ConfigError("eval.num_examples", f"the validation split has only "
+                        f"{valid.num_rows} rows of seq_len={tcfg.seq_len}; use at most that")
+    text.load_corpus(tcfg, "train")  # bad paths / empty corpora fail here, before compiling
 
   # model
   m = c.model

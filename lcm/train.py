@@ -30,7 +30,9 @@ from lcm import config as config_lib
 from lcm import metrics as metrics_lib
 from lcm import model as model_lib
 from lcm import sharding as sharding_lib
+from layers.common import segment_positions
 from lcm.data import pipeline
+from lcm.data import text as text_lib
 from lcm.evals import plots
 
 DEFAULT_LABEL = "default"
@@ -116,6 +118,19 @@ def loss_and_metrics(logits, batch):
       "count": mask.sum()}
 
 
+def loss_by_position(logits, batch):
+  """Sums of masked nll and counts by position inside the document (0..T-1): how the loss
+  falls with the context a token has (positions restart at every packed document)."""
+  targets, mask = batch["targets"], batch["loss_mask"].astype(jnp.float32)
+  b, t = targets.shape
+  pos = segment_positions(batch.get("segment_ids"), b, t)
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+  onehot = jax.nn.one_hot(pos, t, dtype=jnp.float32) * mask[..., None]  # [B, T, T]
+  return {"pos_nll_sum": jnp.einsum("bt,btp->p", nll, onehot),
+          "pos_count": onehot.sum(axis=(0, 1))}
+
+
 # ----------------------------------------------------------------------------- trainer
 
 
@@ -159,6 +174,7 @@ class Trainer:
     self.batch_sharding = sharding_lib.batch_sharding(self.mesh)
     self.replicated = sharding_lib.replicated(self.mesh)
     self.num_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(abs_params)))
+    self.last_loss_by_position = None
 
     def init_params():
       return nnx.to_pure_dict(nnx.state(make_model(), nnx.Param))
@@ -190,7 +206,9 @@ class Trainer:
       return new_params, new_opt, metrics
 
     def eval_step(params, batch):
-      _, aux = loss_and_metrics(apply(params, batch), batch)
+      logits = apply(params, batch)
+      _, aux = loss_and_metrics(logits, batch)
+      aux.update(loss_by_position(logits, batch))
       return aux
 
     self.train_step = jax.jit(
@@ -246,8 +264,15 @@ class Trainer:
       totals = aux if totals is None else jax.tree.map(jnp.add, totals, aux)
     totals = jax.device_get(totals)
     count = max(float(totals["count"]), 1.0)
-    return {"loss": float(totals["nll_sum"]) / count,
-            "accuracy": float(totals["correct_sum"]) / count}
+    out = {"loss": float(totals["nll_sum"]) / count,
+           "accuracy": float(totals["correct_sum"]) / count}
+    if c.data.task == "text":
+      corpus = text_lib.load_corpus(pipeline.text_config(c.data), "validation")
+      out["bits_per_byte"] = text_lib.bits_per_byte(out["loss"], corpus)
+    n = np.maximum(totals["pos_count"], 1.0)
+    self.last_loss_by_position = {"loss": (totals["pos_nll_sum"] / n).tolist(),
+                                  "count": totals["pos_count"].tolist()}
+    return out
 
 
 def _json_config(config) -> dict:
@@ -342,7 +367,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> dic
       config=_json_config(c), train_loss=last_loss, num_params=trainer.num_params,
       state_size=trainer.state_size(), resumed_from=start if latest is not None else None)
   out = dataclasses.asdict(summary)
+  out.update({f"eval_{k}": v for k, v in eval_metrics.items() if k not in ("loss", "accuracy")})
   if jax.process_index() == 0:
+    with open(os.path.join(workdir, "loss_by_position.json"), "w", encoding="utf-8") as f:
+      json.dump(trainer.last_loss_by_position, f)
+    plots.plot_loss_by_position(workdir)
     with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
       json.dump(out, f, indent=2)
     plots.plot_training_curves(workdir)

@@ -28,6 +28,7 @@ import grain
 import numpy as np
 
 from layers.common import ConfigError
+from lcm.data import text as text_lib
 from lcm.data.tasks.mqar import MQARConfig, mqar_example
 
 __all__ = [
@@ -39,7 +40,7 @@ __all__ = [
     "eval_batches",
 ]
 
-TASKS = ("mqar",)
+TASKS = ("mqar", "text")
 
 # Effectively infinite: 2**40 examples per process.
 _NUM_EXAMPLES = 2**40
@@ -77,13 +78,26 @@ def _mqar_config(data_cfg: Any) -> MQARConfig:
   return cfg.validate("data")
 
 
-def task_example_fn(data_cfg: Any) -> Callable[[int, int], dict[str, np.ndarray]]:
+def text_config(data_cfg: Any) -> text_lib.TextConfig:
+  d = text_lib.TextConfig()
+  return text_lib.TextConfig(**{
+      f.name: _get(data_cfg, f.name, getattr(d, f.name))
+      for f in dataclasses.fields(text_lib.TextConfig)}).validate("data")
+
+
+def task_example_fn(data_cfg: Any, split: str = "train") -> Callable[[int, int], dict[str, np.ndarray]]:
   """``(seed, index) -> example`` for ``data_cfg.task``; validates the config first.
 
   ``data_cfg`` is an ``ml_collections.ConfigDict`` or any object with attributes: ``task``
-  and that task's fields (missing fields take the task's defaults).
+  and that task's fields (missing fields take the task's defaults). ``split`` is "train"
+  or "eval": synthetic tasks hold out by seed, text corpora by file (validation split).
   """
   task = _get(data_cfg, "task", None)
+  if task == "text":
+    cfg = text_config(data_cfg)
+    if split == "train":
+      return text_lib.train_example_fn(text_lib.load_corpus(cfg, "train"))
+    return text_lib.eval_example_fn(text_lib.load_corpus(cfg, "validation"))
   if task == "mqar":
     kwargs = dataclasses.asdict(_mqar_config(data_cfg))
     return functools.partial(_call_with_seed, functools.partial(mqar_example, **kwargs))
@@ -160,8 +174,13 @@ def eval_batches(data_cfg: Any, *, seed: int, num_examples: int, batch_size: int
   Examples come from stream ``eval_seed(seed)`` (never the training stream of ``seed``),
   indices ``0 .. num_examples-1``; ``batch_size`` is global and sharded like training.
   """
-  example_fn = task_example_fn(data_cfg)
+  example_fn = task_example_fn(data_cfg, split="eval")
   seed = _check_seed(seed)
+  if _get(data_cfg, "task", None) == "text":
+    rows = text_lib.load_corpus(text_config(data_cfg), "validation").num_rows
+    if num_examples > rows:
+      raise ConfigError("eval.num_examples", f"the validation split has only {rows} rows of "
+                        f"seq_len={_get(data_cfg, 'seq_len', None)}; use at most that many")
   if (isinstance(num_examples, bool) or not isinstance(num_examples, (int, np.integer))
       or num_examples < 1):
     raise ConfigError("eval.num_examples", f"must be a positive integer, got {num_examples!r}")

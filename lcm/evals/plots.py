@@ -40,3 +40,32 @@ def plot_training_curves(workdir: str, out: str | None = None) -> str:
   fig.savefig(out, dpi=100)
   plt.close(fig)
   return out
+
+
+def plot_loss_by_position(workdir: str, out: str | None = None, *,
+                          runs: dict[str, str] | None = None) -> str:
+  """Eval loss vs position inside the document (``loss_by_position.json`` of one run, or of
+  several: ``runs = {label: workdir}``): a falling curve means the layer uses context."""
+  import json  # pylint: disable=g-import-not-at-top
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  runs = runs or {os.path.basename(os.path.abspath(workdir)): workdir}
+  fig, ax = plt.subplots(figsize=(6, 3.5))
+  for label, wd in runs.items():
+    with open(os.path.join(wd, "loss_by_position.json"), encoding="utf-8") as f:
+      d = json.load(f)
+    loss, count = np.asarray(d["loss"]), np.asarray(d["count"])
+    keep = count > 0
+    ax.plot(np.arange(len(loss))[keep] + 1, loss[keep], label=label)
+  ax.set_xscale("log")
+  ax.set_xlabel("position in document (tokens of context + 1)")
+  ax.set_ylabel("eval loss (nats / token)")
+  ax.legend()
+  fig.tight_layout()
+  out = out or os.path.join(workdir, "loss_by_position.png")
+  fig.savefig(out, dpi=100)
+  plt.close(fig)
+  return out
