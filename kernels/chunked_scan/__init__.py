@@ -103,8 +103,12 @@ def linear_recurrence(q, k, v, log_decay=None, *, initial_state=None, reset=None
     reset = reset.astype(bool)
   if impl == "reference":
     return linear_recurrence_reference(q, k, v, log_decay, initial_state, reset)
-  if impl == "xla":
-    return linear_recurrence_chunked(q, k, v, log_decay, initial_state, reset, chunk_size)
+  t = q.shape[1]
+  if impl == "xla" or t < 16:
+    # Shorter than a kernel chunk (decoding): the chunked form with one chunk of T tokens,
+    # instead of padding a single token to a full chunk.
+    return linear_recurrence_chunked(q, k, v, log_decay, initial_state, reset,
+                                     max(1, min(int(chunk_size), t)))
   chunk_size = int(chunk_size)
   if chunk_size < 16 or chunk_size % 16:
     raise ValueError(f"impl={impl!r} needs chunk_size to be a positive multiple of 16; "

@@ -117,8 +117,10 @@ def diagonal_recurrence(log_a, b, *, initial_state=None, reset=None, chunk_size:
   chunk_size = int(chunk_size)
   if chunk_size < 1:
     raise ValueError(f"chunk_size must be a positive integer; got {chunk_size}.")
-  if impl == "xla":
-    return diagonal_recurrence_chunked(log_a, b, initial_state, reset, chunk_size)
+  t = b.shape[1]
+  if impl == "xla" or t < 8:
+    # Shorter than a kernel tile (decoding): one chunk of T tokens, no padding.
+    return diagonal_recurrence_chunked(log_a, b, initial_state, reset, min(chunk_size, t))
   if is_complex:
     raise ValueError(f"impl={impl!r} supports real inputs only; use impl='xla' (or "
                      f"'auto') for complex log_a / b (S4D).")
