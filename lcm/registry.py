@@ -31,6 +31,16 @@ from layers.common import ConfigError
 _TABLE: dict[str, tuple[str, str, dict[str, Any]]] = {
     "attention": ("layers.attention", "Attention", {}),
     "swa": ("layers.attention", "Attention", {"window": 64}),
+    "s4d": ("layers.ssm", "S4D", {}),
+    "mamba": ("layers.ssm", "Mamba", {}),
+    "mamba2": ("layers.ssm", "Mamba2", {}),
+    "linear_attention": ("layers.linear_attention", "LinearAttention", {}),
+    "retnet": ("layers.linear_attention", "RetNet", {}),
+    "gla": ("layers.linear_attention", "GLA", {}),
+    "deltanet": ("layers.linear_attention", "DeltaNet", {}),
+    "gated_deltanet": ("layers.linear_attention", "GatedDeltaNet", {}),
+    "based": ("layers.linear_attention", "Based", {}),
+    "jrt": ("layers.linear_attention", "JRT", {}),
 }
 
 

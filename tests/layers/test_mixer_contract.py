@@ -24,6 +24,18 @@ DOC_A, DOC_B = 5, 7  # packed row: document 1 then document 2, DOC_A + DOC_B == 
 OVERRIDES = {
     "attention": {"num_heads": 2},
     "swa": {"num_heads": 4, "num_kv_heads": 2, "window": 4},
+    "s4d": {"d_state": 8, "chunk_size": 4},
+    "mamba": {"d_state": 4, "chunk_size": 4},
+    "mamba2": {"d_state": 8, "head_dim": 8, "chunk_size": 4, "impl": "xla"},
+    "linear_attention": {"chunk_size": 4, "num_heads": 2, "feature_map": "taylor",
+                         "feature_dim": 4},
+    "retnet": {"chunk_size": 4, "num_heads": 2},
+    "gla": {"chunk_size": 4, "num_heads": 2, "use_short_conv": True, "gate_low_rank_dim": 4},
+    "deltanet": {"chunk_size": 4, "num_heads": 2},
+    "gated_deltanet": {"chunk_size": 4, "num_heads": 2},
+    "based": {"chunk_size": 4, "num_heads": 2, "feature_dim": 4, "window": 4,
+              "window_heads": 2},
+    "jrt": {"chunk_size": 4, "num_heads": 2, "feature_dim": 4, "prefix_len": 1},
 }
 
 
