@@ -58,8 +58,15 @@ def plot_loss_by_position(workdir: str, out: str | None = None, *,
     with open(os.path.join(wd, "loss_by_position.json"), encoding="utf-8") as f:
       d = json.load(f)
     loss, count = np.asarray(d["loss"]), np.asarray(d["count"])
-    keep = count > 0
-    ax.plot(np.arange(len(loss))[keep] + 1, loss[keep], label=label)
+    # Count-weighted means over log-spaced position bins (single positions are noisy).
+    edges = np.unique(np.geomspace(1, len(loss) + 1, num=24).astype(int))
+    xs, ys = [], []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+      c = count[lo - 1:hi - 1]
+      if c.sum() > 0:
+        xs.append(np.sqrt(lo * (hi - 1)) if hi - 1 > lo else lo)
+        ys.append(float((loss[lo - 1:hi - 1] * c).sum() / c.sum()))
+    ax.plot(xs, ys, "o-", ms=3, label=label)
   ax.set_xscale("log")
   ax.set_xlabel("position in document (tokens of context + 1)")
   ax.set_ylabel("eval loss (nats / token)")
