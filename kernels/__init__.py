@@ -9,4 +9,8 @@ implementations. See ``DESIGN.md`` ("The kernel contract").
     RetNet, Mamba2/SSD, GLA).
   * :mod:`kernels.delta_rule` (DeltaNet, Gated DeltaNet) and :mod:`kernels.diag_scan`
     (element-wise ``h_t = a_t h_{t-1} + b_t``) follow the same contract.
+
+:mod:`kernels._common` holds what the ops share: ``auto_impl``, the static
+``KernelConfig`` of a Pallas call, front padding in time, power-of-two padding for Triton
+tiles, and exact in-chunk log-decay sums (``segment_sum`` / ``suffix_sum``).
 """

@@ -56,21 +56,13 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from kernels._common import KernelConfig, auto_impl, interpret_key, pad_time, suffix_sum
 from kernels.chunked_scan.reference import (check_inputs, linear_recurrence_chunked,
-                                            linear_recurrence_reference, pad_time)
+                                            linear_recurrence_reference)
 
 __all__ = ["linear_recurrence", "IMPLS"]
 
 IMPLS = ("auto", "reference", "xla", "pallas_tpu", "pallas_gpu")
-
-
-def _auto_impl() -> str:
-  backend = jax.default_backend()
-  if backend == "tpu":
-    return "pallas_tpu"
-  if backend in ("gpu", "cuda", "rocm"):
-    return "pallas_gpu"
-  return "xla"
 
 
 def linear_recurrence(q, k, v, log_decay=None, *, initial_state=None, reset=None,
@@ -98,7 +90,7 @@ def linear_recurrence(q, k, v, log_decay=None, *, initial_state=None, reset=None
   if impl not in IMPLS:
     raise ValueError(f"impl must be one of {IMPLS}; got {impl!r}.")
   if impl == "auto":
-    impl = _auto_impl()
+    impl = auto_impl()
   if reset is not None:
     reset = reset.astype(bool)
   if impl == "reference":
@@ -113,37 +105,13 @@ def linear_recurrence(q, k, v, log_decay=None, *, initial_state=None, reset=None
   if chunk_size < 16 or chunk_size % 16:
     raise ValueError(f"impl={impl!r} needs chunk_size to be a positive multiple of 16; "
                      f"got {chunk_size}.")
-  if isinstance(interpret, bool) or interpret is None:
-    interpret_key = bool(interpret)
-  else:
-    interpret_key = interpret  # e.g. pltpu.InterpretParams (a hashable dataclass)
-  cfg = _Config(impl=impl, chunk=chunk_size, interpret=interpret_key)
+  cfg = KernelConfig(impl=impl, chunk=chunk_size, interpret=interpret_key(interpret))
   return _pallas_recurrence(q, k, v, log_decay, initial_state, reset, cfg)
 
 
 # ----------------------------------------------------------------------------------
 # Pallas implementations: shared preparation and the custom VJP.
 # ----------------------------------------------------------------------------------
-
-
-@functools.total_ordering
-class _Config:
-  """Static configuration (hashable) of a Pallas call."""
-
-  def __init__(self, impl, chunk, interpret):
-    self.impl, self.chunk, self.interpret = impl, chunk, interpret
-
-  def _key(self):
-    return (self.impl, self.chunk, repr(self.interpret))
-
-  def __hash__(self):
-    return hash(self._key())
-
-  def __eq__(self, other):
-    return isinstance(other, _Config) and self._key() == other._key()
-
-  def __lt__(self, other):
-    return self._key() < other._key()
 
 
 def _backend(impl):
@@ -156,24 +124,31 @@ def _backend(impl):
 
 def _run_kernel(cfg, q, k, v, g, s0, reset, *, decay_on="key", strict=False,
                 out_dtype=None, want_excl=False):
-  """Pad T (front) to a multiple of the chunk, build within-chunk cumulative log decays
-  and reset counts, and call the backend kernel. Returns ``(o [B,T,H,Dv], S_final)``."""
+  """Pad T (front) to a multiple of the chunk, build the within-chunk log-decay sums and
+  reset counts, and call the backend kernel. Returns ``(o [B,T,H,Dv], S_final)``.
+
+  The kernel gets the per-token log decays ``g``, their within-chunk inclusive prefix sums
+  ``b`` (decay from the chunk start) and exclusive suffix sums ``r`` (decay to the chunk
+  end), each a sum of exactly the gates in between; pair decays inside a chunk are
+  segment sums of ``g`` built in the kernel (see ``kernels._common``)."""
   B, T, H, _ = q.shape
   C = cfg.chunk
   N = -(-T // C)
   Tp = N * C
   q, k, v = (pad_time(x, Tp) for x in (q, k, v))
-  b = None
+  decays = None
   if g is not None:
     g = pad_time(g.astype(jnp.float32), Tp)
     gc = g.reshape((B, N, C) + g.shape[2:])
     b = jnp.cumsum(gc, axis=2).reshape(g.shape)
+    r = suffix_sum(gc, axis=2).reshape(g.shape)
+    decays = (g, b, r)
   seg = None
   if reset is not None:
-    r = pad_time(reset.astype(jnp.int32), Tp).reshape(B, N, C)
-    seg = jnp.cumsum(r, axis=2).reshape(B, Tp)
+    rs = pad_time(reset.astype(jnp.int32), Tp).reshape(B, N, C)
+    seg = jnp.cumsum(rs, axis=2).reshape(B, Tp)
   o, *states = _backend(cfg.impl).forward(
-      q, k, v, b, seg, s0, chunk=C, decay_on=decay_on, strict=strict,
+      q, k, v, decays, seg, s0, chunk=C, decay_on=decay_on, strict=strict,
       out_dtype=out_dtype or q.dtype, want_excl=want_excl, interpret=cfg.interpret)
   return (o[:, Tp - T:], *states)
 

@@ -7,10 +7,16 @@ with ``lax.fori_loop``, carrying its fp32 ``[Dk, BV]`` slice of the state in reg
 chunkwise form of Yang et al. 2023 (GLA) / Dao & Gu 2024 (SSD state passing):
 
   * no decay / one decay per head (Katharopoulos et al. 2020; RetNet, Sun et al. 2023):
-    ``o = ((q k^T) * exp(mask(b_i - b_j))) v + (q * exp(b)) S``, masked before ``exp``;
+    ``o = ((q k^T) * exp(mask(D))) v + (q * exp(b)) S`` with ``D_ij = sum_{j<m<=i} g_m``,
+    masked before ``exp``;
   * one decay per channel (GLA): sub-chunks of 16 rows; pairs in earlier sub-chunks factor
-    through the reference point ``c = b[start - 1]`` (both exponents <= 0; one ``tl.dot``),
-    pairs inside a sub-chunk use exact element-wise decays, one key row at a time.
+    through the reference point at the sub-chunk start (both exponents <= 0; one
+    ``tl.dot``), pairs inside a sub-chunk use exact element-wise decays, one key row at a
+    time.
+
+As in ``pallas_tpu.py``, every decay exponent between two tokens of a chunk is a sum of
+exactly the log decays in between (fp32 ``tl.dot`` of a triangular ones mask with the
+masked decays, or the suffix sums prepared outside), never a difference of cumulative sums.
 
 Triton constraints respected here: every loaded or computed tile has power-of-two sides
 (Dk and Dv are zero-padded to a power of two >= 16 by :func:`forward`), no value slicing
@@ -27,6 +33,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+
+from kernels._common import pad_last, pow2
 
 F32 = jnp.float32
 NEG_INF = float("-inf")
@@ -57,10 +65,27 @@ def _iota(shape, dim):
   return lax.broadcasted_iota(jnp.int32, shape, dim)
 
 
+def _in_sub_chunk(g_i, L):
+  """``sum_{start <= m <= i} g_m`` for the rows i of an (L, D) sub-chunk (exact terms)."""
+  return _dot((_iota((L, L), 0) >= _iota((L, L), 1)).astype(F32), g_i, F32)
+
+
+def _to_sub_chunk(g, r0, C):
+  """``sum_{j < m < r0} g_m`` for every row j < r0 of a (C, D) chunk (exact terms; rows
+  j >= r0 are 0 and must be masked)."""
+  rows, cols = _iota((C, C), 0), _iota((C, C), 1)
+  return _dot(((cols > rows) & (cols < r0)).astype(F32), g, F32)
+
+
+def _pair_in_sub_chunk(g_i, jj, L):
+  """``sum_{jj < m <= i} g_m`` for the rows i of an (L, D) sub-chunk (0 for i <= jj)."""
+  return _in_sub_chunk(jnp.where(_iota((L, 1), 0) > jj, g_i, 0.0), L)
+
+
 def _kernel(*refs, kind, decay_on, strict, C, N, has_seg, has_s0, want_excl, cdt, unroll):
   it = iter(refs)
   q_ref, k_ref, v_ref = next(it), next(it), next(it)
-  b_ref = next(it) if kind != "none" else None
+  g_ref, b_ref, r_ref = (next(it), next(it), next(it)) if kind != "none" else (None,) * 3
   seg_ref = next(it) if has_seg else None
   s0_ref = next(it) if has_s0 else None
   o_ref, sf_ref = next(it), next(it)
@@ -82,9 +107,6 @@ def _kernel(*refs, kind, decay_on, strict, C, N, has_seg, has_s0, want_excl, cdt
     scol, srow, to_end, keeps = seg_parts(t0)
     rows_c = _iota((C, 1), 0)
 
-    def self_zero(e):
-      return jnp.where(_iota(e.shape, 0) == C - 1, 0.0, e)
-
     if kind in ("none", "scalar"):
       q = q_ref[pl.ds(t0, C), :]
       k = k_ref[pl.ds(t0, C), :]
@@ -103,17 +125,20 @@ def _kernel(*refs, kind, decay_on, strict, C, N, has_seg, has_s0, want_excl, cdt
           q_in = jnp.where(scol == 0, q_in, 0.0)
           k_out = jnp.where(to_end, k_out, 0.0)
       else:
-        bvec = b_ref[pl.ds(t0, C)]
-        bc, br = bvec[:, None], bvec[None, :]
+        gc = g_ref[pl.ds(t0, C)][:, None]
+        bc = b_ref[pl.ds(t0, C)][:, None]  # prefix sums: decay from the chunk start
+        rc = r_ref[pl.ds(t0, C)][:, None]  # suffix sums: decay to the chunk end
         bl = b_ref[t0 + C - 1]
-        expo = jnp.where(mask, bc - br, NEG_INF)
+        # pair decays as segment sums sum_{j<m<=i} g_m (exact terms, not b_i - b_j)
+        segsum = _dot((rows >= cols).astype(F32), jnp.where(rows > cols, gc, 0.0), F32)
+        expo = jnp.where(mask, segsum, NEG_INF)
         if not strict:
           expo = jnp.where(rows == cols, 0.0, expo)
         scores = scores * jnp.exp(expo)
         e_in = bc if not has_seg else jnp.where(scol == 0, bc, NEG_INF)
-        e_end = bl - bc if not has_seg else jnp.where(to_end, bl - bc, NEG_INF)
+        e_end = rc if not has_seg else jnp.where(to_end, rc, NEG_INF)
         q_in = q.astype(F32) * jnp.exp(e_in)
-        k_out = k.astype(F32) * jnp.exp(self_zero(e_end))
+        k_out = k.astype(F32) * jnp.exp(e_end)
         decay = jnp.exp(bl) * jnp.ones((1, 1), F32)
       if has_seg:
         decay = jnp.where(keeps, decay, 0.0)
@@ -122,12 +147,13 @@ def _kernel(*refs, kind, decay_on, strict, C, N, has_seg, has_s0, want_excl, cdt
       return decay, k_out, v
     k = k_ref[pl.ds(t0, C), :]
     v = v_ref[pl.ds(t0, C), :]
-    b = b_ref[pl.ds(t0, C), :]
+    g = g_ref[pl.ds(t0, C), :]
     b_last = b_ref[t0 + C - 1, :]  # (D,)
     for I in range(C // L):
       r0 = I * L
       q_i = q_ref[pl.ds(t0 + r0, L), :]
       b_i = b_ref[pl.ds(t0 + r0, L), :]
+      g_i = g_ref[pl.ds(t0 + r0, L), :]
       rows_l = _iota((L, 1), 0)
       cols = _iota((L, C), 1)
       same = None
@@ -141,17 +167,16 @@ def _kernel(*refs, kind, decay_on, strict, C, N, has_seg, has_s0, want_excl, cdt
         q_i = q_i.astype(F32)
         o_i = _dot(q_i * jnp.exp(e_in), s, cdt)
         a = jnp.zeros((L, C), F32)
-        if I > 0:
-          c = b_ref[t0 + r0 - 1, :][None, :]
-          k_t = k.astype(F32) * jnp.exp(jnp.where(rows_c < r0, c - b, NEG_INF))
-          a = _dot(q_i * jnp.exp(b_i - c), k_t, cdt, trans_b=True)
+        if I > 0:  # earlier sub-chunks through the reference point at the sub-chunk start
+          k_t = k.astype(F32) * jnp.exp(jnp.where(rows_c < r0, _to_sub_chunk(g, r0, C),
+                                                  NEG_INF))
+          a = _dot(q_i * jnp.exp(_in_sub_chunk(g_i, L)), k_t, cdt, trans_b=True)
           a = jnp.where(cols < r0, a, 0.0)
 
-        def diag(jj, a, q_i=q_i, b_i=b_i, r0=r0):
+        def diag(jj, a, q_i=q_i, g_i=g_i, r0=r0):
           k_j = k_ref[t0 + r0 + jj, :][None, :].astype(F32)
-          b_j = b_ref[t0 + r0 + jj, :][None, :]
           causal = rows_l > jj if strict else rows_l >= jj
-          expo = jnp.where(causal, b_i - b_j, NEG_INF)
+          expo = jnp.where(causal, _pair_in_sub_chunk(g_i, jj, L), NEG_INF)
           if not strict:
             expo = jnp.where(rows_l == jj, 0.0, expo)
           col = jnp.sum(q_i * k_j * jnp.exp(expo), axis=1, keepdims=True)
@@ -166,32 +191,32 @@ def _kernel(*refs, kind, decay_on, strict, C, N, has_seg, has_s0, want_excl, cdt
         if same is not None:
           m = jnp.where(same, m, 0.0)
         o_i = jnp.exp(e_in) * _dot(q_i, s, cdt)
-        if I > 0:
-          c = b_ref[t0 + r0 - 1, :][None, :]
-          v_t = v.astype(F32) * jnp.exp(jnp.where(rows_c < r0, c - b, NEG_INF))
-          o_i = o_i + jnp.exp(b_i - c) * _dot(jnp.where(cols < r0, m, 0.0), v_t, cdt)
+        if I > 0:  # earlier sub-chunks through the reference point at the sub-chunk start
+          v_t = v.astype(F32) * jnp.exp(jnp.where(rows_c < r0, _to_sub_chunk(g, r0, C),
+                                                  NEG_INF))
+          o_i = o_i + jnp.exp(_in_sub_chunk(g_i, L)) * _dot(jnp.where(cols < r0, m, 0.0),
+                                                             v_t, cdt)
 
-        def diag(jj, o_i, m=m, b_i=b_i, r0=r0):
+        def diag(jj, o_i, m=m, g_i=g_i, r0=r0):
           m_j = jnp.sum(jnp.where(cols == r0 + jj, m, 0.0), axis=1, keepdims=True)
           v_j = v_ref[t0 + r0 + jj, :][None, :].astype(F32)
-          b_j = b_ref[t0 + r0 + jj, :][None, :]
           causal = rows_l > jj if strict else rows_l >= jj
-          expo = jnp.where(causal, b_i - b_j, NEG_INF)
+          expo = jnp.where(causal, _pair_in_sub_chunk(g_i, jj, L), NEG_INF)
           if not strict:
             expo = jnp.where(rows_l == jj, 0.0, expo)
           return o_i + m_j * v_j * jnp.exp(expo)
 
         o_i = _loop(L, diag, o_i, unroll)
       o_ref[pl.ds(t0 + r0, L), :] = o_i.astype(o_ref.dtype)
-    e_end = b_last[None, :] - b
+    e_end = r_ref[pl.ds(t0, C), :]  # decay to the chunk end (exact suffix sums)
     if has_seg:
       e_end = jnp.where(to_end, e_end, NEG_INF)
     if decay_on == "key":
       decay = jnp.exp(b_last)[:, None]  # (Dk, 1): rows of S
-      lhs, rhs = k.astype(F32) * jnp.exp(self_zero(e_end)), v
+      lhs, rhs = k.astype(F32) * jnp.exp(e_end), v
     else:
       decay = jnp.exp(b_last)[None, :]  # (1, BV): columns of S
-      lhs, rhs = k, v.astype(F32) * jnp.exp(self_zero(e_end))
+      lhs, rhs = k, v.astype(F32) * jnp.exp(e_end)
     if has_seg:
       decay = jnp.where(keeps, decay, 0.0)
     return decay, lhs, rhs
@@ -214,33 +239,23 @@ def _kernel(*refs, kind, decay_on, strict, C, N, has_seg, has_s0, want_excl, cdt
     sf_ref[...] = lax.fori_loop(0, N, body, s)
 
 
-def _pow2(d):
-  return max(16, 1 << (int(d) - 1).bit_length())
-
-
-def _pad_last(x, d):
-  if x is None or x.shape[-1] == d:
-    return x
-  pad = [(0, 0)] * (x.ndim - 1) + [(0, d - x.shape[-1])]
-  return jnp.pad(x, pad)
-
-
-def forward(q, k, v, b, seg, s0, *, chunk, decay_on="key", strict=False, out_dtype=None,
+def forward(q, k, v, decays, seg, s0, *, chunk, decay_on="key", strict=False, out_dtype=None,
             want_excl=False, interpret=False, block_v=64, num_warps=4):
   """Run the kernel on prepared inputs (same contract as ``pallas_tpu.forward``)."""
   B, Tp, H, Dk = q.shape
   Dv = v.shape[-1]
   C = chunk
   N = Tp // C
+  g, b, r = (None, None, None) if decays is None else decays
   kind = "none" if b is None else ("scalar" if b.ndim == 3 else "channel")
   cdt = q.dtype
   out_dtype = out_dtype or q.dtype
   # Zero-pad head dims to powers of two (padded key rows / value columns stay zero).
-  Dkp, Dvp = _pow2(Dk), _pow2(Dv)
-  q, k = _pad_last(q, Dkp), _pad_last(k.astype(cdt), Dkp)
-  v = _pad_last(v.astype(cdt), Dvp)
+  Dkp, Dvp = pow2(Dk), pow2(Dv)
+  q, k = pad_last(q, Dkp), pad_last(k.astype(cdt), Dkp)
+  v = pad_last(v.astype(cdt), Dvp)
   if kind == "channel":
-    b = _pad_last(b, Dkp if decay_on == "key" else Dvp)
+    g, b, r = (pad_last(x, Dkp if decay_on == "key" else Dvp) for x in (g, b, r))
   if s0 is not None:
     s0 = jnp.pad(s0.astype(F32), ((0, 0), (0, 0), (0, Dkp - Dk), (0, Dvp - Dv)))
   BV = min(Dvp, block_v)
@@ -251,11 +266,11 @@ def forward(q, k, v, b, seg, s0, *, chunk, decay_on="key", strict=False, out_dty
   in_specs = [qk_spec, qk_spec, v_spec]
   args = [q, k, v]
   if kind == "scalar":
-    in_specs.append(pl.BlockSpec((sq, Tp, sq), lambda bi, h, iv: (bi, 0, h)))
-    args.append(b.astype(F32))
+    in_specs += [pl.BlockSpec((sq, Tp, sq), lambda bi, h, iv: (bi, 0, h))] * 3
+    args += [x.astype(F32) for x in (g, b, r)]
   elif kind == "channel":
-    in_specs.append(qk_spec if decay_on == "key" else v_spec)
-    args.append(b.astype(F32))
+    in_specs += [qk_spec if decay_on == "key" else v_spec] * 3
+    args += [x.astype(F32) for x in (g, b, r)]
   has_seg = seg is not None
   if has_seg:
     in_specs.append(pl.BlockSpec((sq, Tp), lambda bi, h, iv: (bi, 0)))

@@ -6,12 +6,18 @@ it (the chunkwise form of Yang et al. 2023, GLA; "state passing" of Dao & Gu 202
 Per chunk of C tokens:
 
   * no decay / one decay per head (Katharopoulos et al. 2020; RetNet, Sun et al. 2023;
-    SSD): ``o = ((q k^T) * exp(mask(b_i - b_j))) v + (q * exp(b)) S`` with ``b`` the
-    within-chunk cumulative log decay, masked to ``-inf`` before ``exp``;
+    SSD): ``o = ((q k^T) * exp(mask(D))) v + (q * exp(b)) S`` with ``b`` the within-chunk
+    cumulative log decay and ``D_ij = sum_{j<m<=i} g_m`` the pair decays, masked to
+    ``-inf`` before ``exp``;
   * one decay per channel (GLA): sub-chunks of L = 16 rows; pairs in earlier sub-chunks
-    factor through the reference point ``c = b[start - 1]`` (both exponents <= 0, so one
+    factor through the reference point at the sub-chunk start (both exponents <= 0, so one
     MXU matmul per sub-chunk), pairs inside a sub-chunk use exact element-wise decays, one
     key column at a time (VPU).
+
+Every decay exponent between two tokens of a chunk is a sum of exactly the log decays in
+between (an fp32 matmul of a triangular ones mask with the masked decays, or the suffix
+sums ``r`` prepared outside), never a difference of cumulative sums, which loses
+``eps * |b|`` after a saturated gate (see ``kernels._common``).
 
 ``decay_on="value"`` is the same recurrence with the per-channel decay on the value side
 (``S_t = S_{t-1} diag(exp(g_t)) + k_t v_t^T``); the backward pass (``__init__.py``) needs it.
@@ -19,8 +25,9 @@ Per chunk of C tokens:
 
 Layout: q, k, v, o and per-channel decays are read as ``(C, D)`` blocks of one head, from
 the free view ``[B, T, H*D]`` when D is a multiple of 128, else from a ``[B, H, T, D]``
-transposed copy (Mosaic's (8, 128) block rule); per-head decays and reset counts come as a column ``(C, 1)`` and a row
-``(1, C)`` so that no in-kernel transpose is needed. MXU operands are in the input dtype
+transposed copy (Mosaic's (8, 128) block rule); per-head decays come as columns ``(C, 1)``
+and reset counts as a column ``(C, 1)`` and a row ``(1, C)`` so that no in-kernel transpose
+is needed. MXU operands are in the input dtype
 (bf16 stays bf16) with fp32 accumulation; fp32 inputs use ``Precision.HIGHEST``.
 """
 
@@ -78,9 +85,9 @@ def _kernel(*refs, kind, decay_on, strict, C, has_seg, has_s0, want_excl, cdt, u
   it = iter(refs)
   q_ref, k_ref, v_ref = next(it), next(it), next(it)
   if kind == "scalar":
-    bcol_ref, brow_ref = next(it), next(it)
+    gcol_ref, bcol_ref, rcol_ref = next(it), next(it), next(it)
   elif kind == "channel":
-    b_ref = next(it)
+    g_ref, b_ref, r_ref = next(it), next(it), next(it)
     blc_ref = next(it) if decay_on == "key" else None
   if has_seg:
     scol_ref, srow_ref = next(it), next(it)
@@ -112,9 +119,6 @@ def _kernel(*refs, kind, decay_on, strict, C, has_seg, has_s0, want_excl, cdt, u
   def wh(m, x, other):  # where with an optional mask
     return x if m is None else jnp.where(m, x, other)
 
-  def self_zero(e):  # the last token's decay to the chunk end is exactly exp(0)
-    return jnp.where(lax.broadcasted_iota(jnp.int32, e.shape, 0) == C - 1, 0.0, e)
-
   if kind in ("none", "scalar"):
     q, k, v = q_ref[...], k_ref[...], v_ref[...]
     rows = lax.broadcasted_iota(jnp.int32, (C, C), 0)
@@ -129,32 +133,33 @@ def _kernel(*refs, kind, decay_on, strict, C, has_seg, has_s0, want_excl, cdt, u
       k_out = wh(to_end, k.astype(F32), 0.0)
       decay = wh(keeps, jnp.ones((1, 1), F32), 0.0)
     else:
-      bc, br = bcol_ref[...], brow_ref[...]  # (C, 1), (1, C)
+      gc, bc, rc = gcol_ref[...], bcol_ref[...], rcol_ref[...]  # (C, 1) each
       bl = jnp.sum(jnp.where(rcol == C - 1, bc, 0.0), axis=0, keepdims=True)  # (1, 1)
-      expo = jnp.where(mask, bc - br, NEG_INF)
+      # pair decays as segment sums sum_{j<m<=i} g_m (exact terms, not b_i - b_j)
+      segsum = _dot((rows >= cols).astype(F32), jnp.where(rows > cols, gc, 0.0), F32)
+      expo = jnp.where(mask, segsum, NEG_INF)
       if not strict:
         expo = jnp.where(rows == cols, 0.0, expo)
       scores = scores * jnp.exp(expo)
       q_in = q.astype(F32) * jnp.exp(wh(first, bc, NEG_INF))
-      k_out = k.astype(F32) * jnp.exp(self_zero(wh(to_end, bl - bc, NEG_INF)))
+      k_out = k.astype(F32) * jnp.exp(wh(to_end, rc, NEG_INF))
       decay = wh(keeps, jnp.exp(bl), 0.0)
     o = _dot(scores, v, cdt) + _dot(q_in, s, cdt)
     o_ref[...] = o.astype(o_ref.dtype)
     decay, lhs, rhs = decay, k_out, v
   elif decay_on == "key":
-    decay, lhs, rhs = _channel_key_chunk(q_ref, k_ref, v_ref, b_ref, blc_ref, o_ref, s, C=C,
-                               strict=strict, has_seg=has_seg,
-                               scol_ref=scol_ref if has_seg else None,
-                               srow_ref=srow_ref if has_seg else None,
-                               to_end=to_end, keeps=keeps, cdt=cdt, self_zero=self_zero,
-                               unroll=unroll)
+    decay, lhs, rhs = _channel_key_chunk(q_ref, k_ref, v_ref, g_ref, b_ref, r_ref, blc_ref,
+                                         o_ref, s, C=C, strict=strict, has_seg=has_seg,
+                                         scol_ref=scol_ref if has_seg else None,
+                                         srow_ref=srow_ref if has_seg else None,
+                                         to_end=to_end, keeps=keeps, cdt=cdt, unroll=unroll)
   else:
-    decay, lhs, rhs = _channel_value_chunk(q_ref, k_ref, v_ref, b_ref, o_ref, s, C=C, strict=strict,
-                                 has_seg=has_seg,
-                                 scol_ref=scol_ref if has_seg else None,
-                                 srow_ref=srow_ref if has_seg else None,
-                                 to_end=to_end, keeps=keeps, cdt=cdt, self_zero=self_zero,
-                                 unroll=unroll)
+    decay, lhs, rhs = _channel_value_chunk(q_ref, k_ref, v_ref, g_ref, b_ref, r_ref, o_ref, s,
+                                           C=C, strict=strict, has_seg=has_seg,
+                                           scol_ref=scol_ref if has_seg else None,
+                                           srow_ref=srow_ref if has_seg else None,
+                                           to_end=to_end, keeps=keeps, cdt=cdt,
+                                           unroll=unroll)
   # S_new = decay * S + lhs^T rhs; the last row of lhs / rhs is the last token's k v^T.
   s_new = decay * s + _dot(lhs, rhs, cdt, trans_a=True)
   st_ref[...] = s_new
@@ -166,6 +171,27 @@ def _kernel(*refs, kind, decay_on, strict, C, has_seg, has_s0, want_excl, cdt, u
       not_last = lax.broadcasted_iota(jnp.int32, (C, 1), 0) < C - 1
       excl_ref[...] = decay * s + _dot(jnp.where(not_last, lhs.astype(F32), 0.0), rhs, cdt,
                                        trans_a=True)
+
+
+def _in_sub_chunk(g_i, L):
+  """``sum_{start <= m <= i} g_m`` for the rows i of an (L, D) sub-chunk (exact terms)."""
+  rows = lax.broadcasted_iota(jnp.int32, (L, L), 0)
+  cols = lax.broadcasted_iota(jnp.int32, (L, L), 1)
+  return _dot((rows >= cols).astype(F32), g_i, F32)
+
+
+def _to_sub_chunk(g, r0, C):
+  """``sum_{j < m < r0} g_m`` for every row j < r0 of a (C, D) chunk (exact terms; rows
+  j >= r0 are 0 and must be masked)."""
+  rows = lax.broadcasted_iota(jnp.int32, (C, C), 0)
+  cols = lax.broadcasted_iota(jnp.int32, (C, C), 1)
+  return _dot(((cols > rows) & (cols < r0)).astype(F32), g, F32)
+
+
+def _pair_in_sub_chunk(g_i, jj, L):
+  """``sum_{jj < m <= i} g_m`` for the rows i of an (L, D) sub-chunk (0 for i <= jj)."""
+  rows_l = lax.broadcasted_iota(jnp.int32, (L, 1), 0)
+  return _in_sub_chunk(jnp.where(rows_l > jj, g_i, 0.0), L)
 
 
 def _sub_masks(I, C, L, strict, has_seg, scol_ref, srow_ref):
@@ -183,13 +209,13 @@ def _sub_masks(I, C, L, strict, has_seg, scol_ref, srow_ref):
   return before if same is None else (before & same), same, scol_i
 
 
-def _channel_key_chunk(q_ref, k_ref, v_ref, b_ref, blc_ref, o_ref, s, *, C, strict, has_seg,
-                       scol_ref, srow_ref, to_end, keeps, cdt, self_zero, unroll):
-  """Per-key-channel decays (GLA): ``A_ij = sum_d q_i[d] k_j[d] exp(b_i[d] - b_j[d])``."""
+def _channel_key_chunk(q_ref, k_ref, v_ref, g_ref, b_ref, r_ref, blc_ref, o_ref, s, *, C,
+                       strict, has_seg, scol_ref, srow_ref, to_end, keeps, cdt, unroll):
+  """Per-key-channel decays (GLA): ``A_ij = sum_d q_i[d] k_j[d] exp(sum_{j<m<=i} g_m[d])``."""
   L = SUB if C % SUB == 0 else C
   k = k_ref[...]
   v = v_ref[...]
-  b = b_ref[...].astype(F32)  # (C, Dk)
+  g = g_ref[...].astype(F32)  # (C, Dk)
   kf = k.astype(F32)
   rows_c = lax.broadcasted_iota(jnp.int32, (C, 1), 0)
   for I in range(C // L):
@@ -197,14 +223,14 @@ def _channel_key_chunk(q_ref, k_ref, v_ref, b_ref, blc_ref, o_ref, s, *, C, stri
     q_i = q_ref[pl.ds(r0, L), :].astype(F32)
     k_i = k_ref[pl.ds(r0, L), :].astype(F32)
     b_i = b_ref[pl.ds(r0, L), :].astype(F32)
+    g_i = g_ref[pl.ds(r0, L), :].astype(F32)
     off_mask, same, scol_i = _sub_masks(I, C, L, strict, has_seg, scol_ref, srow_ref)
     # carried state
     e_in = b_i if scol_i is None else jnp.where(scol_i == 0, b_i, NEG_INF)
     o_i = _dot(q_i * jnp.exp(e_in), s, cdt)
-    if I > 0:  # earlier sub-chunks through the reference point c = b[r0 - 1]
-      c = _pick_row(b, r0 - 1)  # (1, Dk)
-      q_t = q_i * jnp.exp(b_i - c)
-      k_t = kf * jnp.exp(jnp.where(rows_c < r0, c - b, NEG_INF))
+    if I > 0:  # earlier sub-chunks through the reference point at the sub-chunk start
+      q_t = q_i * jnp.exp(_in_sub_chunk(g_i, L))
+      k_t = kf * jnp.exp(jnp.where(rows_c < r0, _to_sub_chunk(g, r0, C), NEG_INF))
       a = jnp.where(off_mask, _dot(q_t, k_t, cdt, trans_b=True), 0.0)  # (L, C)
     else:
       a = jnp.zeros((L, C), F32)
@@ -212,11 +238,10 @@ def _channel_key_chunk(q_ref, k_ref, v_ref, b_ref, blc_ref, o_ref, s, *, C, stri
     rows_l = lax.broadcasted_iota(jnp.int32, (L, 1), 0)
     cols = lax.broadcasted_iota(jnp.int32, (L, C), 1)
 
-    def diag(jj, a, q_i=q_i, k_i=k_i, b_i=b_i, r0=r0):
+    def diag(jj, a, q_i=q_i, k_i=k_i, g_i=g_i, r0=r0):
       k_j = _pick_row(k_i, jj)
-      b_j = _pick_row(b_i, jj)
       causal = rows_l > jj if strict else rows_l >= jj
-      expo = jnp.where(causal, b_i - b_j, NEG_INF)
+      expo = jnp.where(causal, _pair_in_sub_chunk(g_i, jj, L), NEG_INF)
       if not strict:
         expo = jnp.where(rows_l == jj, 0.0, expo)
       col = jnp.sum(q_i * k_j * jnp.exp(expo), axis=1, keepdims=True)  # (L, 1)
@@ -227,24 +252,24 @@ def _channel_key_chunk(q_ref, k_ref, v_ref, b_ref, blc_ref, o_ref, s, *, C, stri
       a = jnp.where(same, a, 0.0)
     o_i = o_i + _dot(a, v, cdt)
     o_ref[pl.ds(r0, L), :] = o_i.astype(o_ref.dtype)
-  bl = _pick_row(b, C - 1)  # (1, Dk)
-  e_end = bl - b
+  e_end = r_ref[...].astype(F32)  # (C, Dk) decay to the chunk end (exact suffix sums)
   if to_end is not None:
     e_end = jnp.where(to_end, e_end, NEG_INF)
-  k_out = kf * jnp.exp(self_zero(e_end))
+  k_out = kf * jnp.exp(e_end)
   decay = jnp.exp(blc_ref[...].astype(F32))  # (Dk, 1)
   if keeps is not None:
     decay = jnp.where(keeps, decay, 0.0)
   return decay, k_out, v
 
 
-def _channel_value_chunk(q_ref, k_ref, v_ref, b_ref, o_ref, s, *, C, strict, has_seg,
-                         scol_ref, srow_ref, to_end, keeps, cdt, self_zero, unroll):
-  """Per-value-channel decays: ``o_i[e] = sum_j (q_i . k_j) v_j[e] exp(b_i[e] - b_j[e])``."""
+def _channel_value_chunk(q_ref, k_ref, v_ref, g_ref, b_ref, r_ref, o_ref, s, *, C, strict,
+                         has_seg, scol_ref, srow_ref, to_end, keeps, cdt, unroll):
+  """Per-value-channel decays:
+  ``o_i[e] = sum_j (q_i . k_j) v_j[e] exp(sum_{j<m<=i} g_m[e])``."""
   L = SUB if C % SUB == 0 else C
   k = k_ref[...]
   v = v_ref[...]
-  b = b_ref[...].astype(F32)  # (C, Dv)
+  g = g_ref[...].astype(F32)  # (C, Dv)
   vf = v.astype(F32)
   rows_c = lax.broadcasted_iota(jnp.int32, (C, 1), 0)
   for I in range(C // L):
@@ -252,36 +277,35 @@ def _channel_value_chunk(q_ref, k_ref, v_ref, b_ref, o_ref, s, *, C, strict, has
     q_i = q_ref[pl.ds(r0, L), :]
     v_i = v_ref[pl.ds(r0, L), :].astype(F32)
     b_i = b_ref[pl.ds(r0, L), :].astype(F32)
+    g_i = g_ref[pl.ds(r0, L), :].astype(F32)
     off_mask, same, scol_i = _sub_masks(I, C, L, strict, has_seg, scol_ref, srow_ref)
     m = _dot(q_i, k, cdt, trans_b=True)  # (L, C) plain scores q_i . k_j
     if same is not None:
       m = jnp.where(same, m, 0.0)
     e_in = b_i if scol_i is None else jnp.where(scol_i == 0, b_i, NEG_INF)
     o_i = jnp.exp(e_in) * _dot(q_i, s, cdt)
-    if I > 0:
-      c = _pick_row(b, r0 - 1)  # (1, Dv)
-      v_t = vf * jnp.exp(jnp.where(rows_c < r0, c - b, NEG_INF))
-      o_i = o_i + jnp.exp(b_i - c) * _dot(jnp.where(off_mask, m, 0.0), v_t, cdt)
+    if I > 0:  # earlier sub-chunks through the reference point at the sub-chunk start
+      v_t = vf * jnp.exp(jnp.where(rows_c < r0, _to_sub_chunk(g, r0, C), NEG_INF))
+      o_i = o_i + jnp.exp(_in_sub_chunk(g_i, L)) * _dot(jnp.where(off_mask, m, 0.0), v_t,
+                                                         cdt)
     rows_l = lax.broadcasted_iota(jnp.int32, (L, 1), 0)
 
-    def diag(jj, o_i, m=m, v_i=v_i, b_i=b_i, r0=r0):
+    def diag(jj, o_i, m=m, v_i=v_i, g_i=g_i, r0=r0):
       m_j = _pick_col(m, r0 + jj)  # (L, 1)
       v_j = _pick_row(v_i, jj)
-      b_j = _pick_row(b_i, jj)
       causal = rows_l > jj if strict else rows_l >= jj
-      expo = jnp.where(causal, b_i - b_j, NEG_INF)
+      expo = jnp.where(causal, _pair_in_sub_chunk(g_i, jj, L), NEG_INF)
       if not strict:
         expo = jnp.where(rows_l == jj, 0.0, expo)
       return o_i + m_j * v_j * jnp.exp(expo)
 
     o_i = _loop(L, diag, o_i, unroll)
     o_ref[pl.ds(r0, L), :] = o_i.astype(o_ref.dtype)
-  bl = _pick_row(b, C - 1)  # (1, Dv)
-  e_end = bl - b
+  e_end = r_ref[...].astype(F32)  # (C, Dv) decay to the chunk end (exact suffix sums)
   if to_end is not None:
     e_end = jnp.where(to_end, e_end, NEG_INF)
-  v_out = vf * jnp.exp(self_zero(e_end))
-  decay = jnp.exp(bl)
+  v_out = vf * jnp.exp(e_end)
+  decay = jnp.exp(_pick_row(b_ref[...].astype(F32), C - 1))  # (1, Dv)
   if keeps is not None:
     decay = jnp.where(keeps, decay, 0.0)
   return decay, k, v_out
@@ -316,14 +340,15 @@ def _tok_spec(C, d):
   return pl.BlockSpec((sq, sq, C, d), lambda bi, h, n: (bi, h, n, 0))
 
 
-def forward(q, k, v, b, seg, s0, *, chunk, decay_on="key", strict=False, out_dtype=None,
+def forward(q, k, v, decays, seg, s0, *, chunk, decay_on="key", strict=False, out_dtype=None,
             want_excl=False, interpret=False):
   """Run the kernel on prepared inputs.
 
   Args:
     q, k: ``[B, Tp, H, Dk]``; v: ``[B, Tp, H, Dv]``; ``Tp`` a multiple of ``chunk``.
-    b: ``None``, ``[B, Tp, H]`` or ``[B, Tp, H, D]`` fp32 within-chunk cumulative log decays
-      (D = Dk for ``decay_on="key"``, Dv for ``"value"``).
+    decays: ``None`` or ``(g, b, r)``, each ``[B, Tp, H]`` or ``[B, Tp, H, D]`` fp32 (D = Dk
+      for ``decay_on="key"``, Dv for ``"value"``): per-token log decays, their within-chunk
+      inclusive prefix sums and exclusive suffix sums (sums of exactly those terms).
     seg: ``None`` or ``[B, Tp]`` int32 within-chunk reset counts.
     s0: ``None`` or ``[B, H, Dk, Dv]``.
     want_excl: also return the final state without the last token's ``k v^T``.
@@ -335,6 +360,7 @@ def forward(q, k, v, b, seg, s0, *, chunk, decay_on="key", strict=False, out_dty
   Dv = v.shape[-1]
   C = chunk
   N = Tp // C
+  g, b, r = (None, None, None) if decays is None else decays
   kind = "none" if b is None else ("scalar" if b.ndim == 3 else "channel")
   cdt = q.dtype
   k = k.astype(cdt)
@@ -345,15 +371,13 @@ def forward(q, k, v, b, seg, s0, *, chunk, decay_on="key", strict=False, out_dty
   in_specs = [_tok_spec(C, Dk), _tok_spec(C, Dk), _tok_spec(C, Dv)]
   args = [_to_tok_layout(x) for x in (q, k, v)]
   if kind == "scalar":
-    bcol = jnp.transpose(b, (0, 2, 1))[..., None]  # [B, H, Tp, 1]
-    brow = bcol.reshape(B, H, N, 1, C)
-    in_specs += [pl.BlockSpec((sq, sq, C, 1), lambda bi, h, n: (bi, h, n, 0)),
-                 pl.BlockSpec((sq, sq, sq, 1, C), lambda bi, h, n: (bi, h, n, 0, 0))]
-    args += [bcol, brow]
+    col_spec = pl.BlockSpec((sq, sq, C, 1), lambda bi, h, n: (bi, h, n, 0))
+    in_specs += [col_spec] * 3
+    args += [jnp.transpose(x, (0, 2, 1))[..., None] for x in (g, b, r)]  # [B, H, Tp, 1]
   elif kind == "channel":
     d = b.shape[-1]
-    in_specs.append(_tok_spec(C, d))
-    args.append(_to_tok_layout(b))
+    in_specs += [_tok_spec(C, d)] * 3
+    args += [_to_tok_layout(x) for x in (g, b, r)]
     if decay_on == "key":
       blc = jnp.transpose(b.reshape(B, N, C, H, d)[:, :, -1], (0, 2, 1, 3))[..., None]
       in_specs.append(pl.BlockSpec((sq, sq, sq, d, 1), lambda bi, h, n: (bi, h, n, 0, 0)))

@@ -15,13 +15,15 @@ with ``S_{-1} = initial_state`` (zeros by default) and, where ``reset[t]`` is Tr
 The chunked form follows the chunkwise-parallel algorithm of Yang et al. 2023 (GLA,
 Sec. 3) / Dao & Gu 2024 (SSD, "state passing"): inside a chunk of C tokens the output is
 an attention-like masked matmul; across chunks a [Dk, Dv] state is carried by a scan.
-Decays stay in log space: only *differences* of within-chunk cumulative log decays are
-exponentiated, and every exponent is masked to ``-inf`` *before* ``exp`` wherever the
-pair is not causal or crosses a reset, so no ``inf * 0`` appears in the forward or
-backward pass. For per-key-channel decays the intra-chunk scores are built from
-sub-chunks of ``L`` tokens (Yang et al. 2023, "secondary-level chunking"): pairs in
-different sub-chunks factor through a reference point between them (both factors
-``<= 1``), pairs inside a sub-chunk use the exact element-wise decay.
+Decays stay in log space: the exponent of a decay between two tokens of a chunk is a sum of
+exactly the log decays in between (``kernels._common.segment_sum`` / ``suffix_sum``), not
+a difference ``b_i - b_j`` of cumulative sums, which loses ``eps * |b|`` after a saturated
+gate; every exponent is masked to ``-inf`` *before* ``exp`` wherever the pair is not causal
+or crosses a reset, so no ``inf * 0`` appears in the forward or backward pass. For
+per-key-channel decays the intra-chunk scores are built from sub-chunks of ``L`` tokens
+(Yang et al. 2023, "secondary-level chunking"): pairs in different sub-chunks factor
+through a reference point between them (both factors ``<= 1``), pairs inside a sub-chunk
+use the exact element-wise decay.
 
 Resets are folded in as masks, not as ``-inf`` log decays: with ``seg`` the within-chunk
 count of resets, a pair (i, j<=i) interacts only when ``seg_i == seg_j``; the carried
@@ -34,6 +36,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from kernels._common import pad_time, segment_sum, suffix_sum
 
 _HI = lax.Precision.HIGHEST
 NEG_INF = -jnp.inf
@@ -113,20 +117,6 @@ def linear_recurrence_reference(q, k, v, log_decay=None, initial_state=None, res
 # ----------------------------------------------------------------------------------
 
 
-def pad_time(x, tp, value=0):
-  """Pad axis 1 (time) of ``x`` at the *front* to length ``tp``.
-
-  Front padding with zero k/v, zero log decay and no reset leaves the initial state
-  untouched (decay exp(0) = 1, nothing added), and keeps the last real token last in its
-  chunk, so its decay to the chunk end is the exact constant 0 (see ``_self_zero``).
-  """
-  if x is None or x.shape[1] == tp:
-    return x
-  pad = [(0, 0)] * x.ndim
-  pad[1] = (tp - x.shape[1], 0)
-  return jnp.pad(x, pad, constant_values=value)
-
-
 def sub_chunk_size(chunk_size: int) -> int:
   """Sub-chunk length used for per-channel decays (16, or the chunk if not divisible)."""
   return 16 if chunk_size % 16 == 0 else chunk_size
@@ -158,9 +148,10 @@ def linear_recurrence_chunked(q, k, v, log_decay=None, initial_state=None, reset
 
   qc, kc, vc = to_chunks(q), to_chunks(k), to_chunks(v)
   if kind == "none":
-    b = jnp.zeros((B, H, N, C), f32)
+    gc = jnp.zeros((B, H, N, C), f32)
   else:
-    b = jnp.cumsum(to_chunks(log_decay), axis=3)  # [B,H,N,C] or [B,H,N,C,Dk]
+    gc = to_chunks(log_decay)  # [B,H,N,C] or [B,H,N,C,Dk]
+  b = jnp.cumsum(gc, axis=3)  # inclusive prefix sums: decay from the chunk start
 
   if reset is not None:
     r = pad_time(reset.astype(jnp.int32), Tp).reshape(B, N, C)
@@ -175,20 +166,19 @@ def linear_recurrence_chunked(q, k, v, log_decay=None, initial_state=None, reset
   same = seg[..., :, None] == seg[..., None, :]  # [B,1,N,C,C]
 
   if kind == "channel":
-    bl = b[..., -1:, :]  # [B,H,N,1,Dk]
+    bl = b[..., -1, :]  # [B,H,N,Dk] sum of the chunk's gates
     q_in = qc * jnp.exp(jnp.where(first[..., None], b, NEG_INF))
-    k_out = kc * jnp.exp(_self_zero(jnp.where(to_end[..., None], bl - b, NEG_INF), -2))
-    chunk_decay = jnp.where(keeps[..., None], jnp.exp(bl[..., 0, :]), 0.0)[..., None]
-    scores = _channel_scores(qc, kc, b, seg, sub_chunk_size(C))
+    k_out = kc * jnp.exp(jnp.where(to_end[..., None], suffix_sum(gc, axis=-2), NEG_INF))
+    chunk_decay = jnp.where(keeps[..., None], jnp.exp(bl), 0.0)[..., None]
+    scores = _channel_scores(qc, kc, gc, seg, sub_chunk_size(C))
   else:
-    bl = b[..., -1:]  # [B,H,N,1]
+    bl = b[..., -1]  # [B,H,N]
     q_in = qc * jnp.exp(jnp.where(first, b, NEG_INF))[..., None]
-    k_out = kc * jnp.exp(_self_zero(jnp.where(to_end, bl - b, NEG_INF), -1))[..., None]
-    chunk_decay = jnp.where(keeps, jnp.exp(bl[..., 0]), 0.0)[..., None, None]
+    k_out = kc * jnp.exp(jnp.where(to_end, suffix_sum(gc), NEG_INF))[..., None]
+    chunk_decay = jnp.where(keeps, jnp.exp(bl), 0.0)[..., None, None]
     mask = causal & same
     eye = jnp.eye(C, dtype=bool)
-    decay = jnp.exp(jnp.where(eye, 0.0,
-                              jnp.where(mask, b[..., :, None] - b[..., None, :], NEG_INF)))
+    decay = jnp.exp(jnp.where(eye, 0.0, jnp.where(mask, segment_sum(gc), NEG_INF)))
     scores = jnp.einsum("bhncd,bhnsd->bhncs", qc, kc, precision=_HI) * decay
 
   o_intra = jnp.einsum("bhncs,bhnse->bhnce", scores, vc, precision=_HI)
@@ -209,38 +199,29 @@ def linear_recurrence_chunked(q, k, v, log_decay=None, initial_state=None, reset
   return o.astype(out_dtype), sf
 
 
-def _self_zero(x, axis):
-  """Set the last entry along ``axis`` (a token's decay to itself) to a constant 0.
+def _channel_scores(qc, kc, g, seg, L):
+  """Intra-chunk scores ``A_ij = sum_d q_i[d] k_j[d] exp(sum_{j<m<=i} g_m[d])`` (j <= i,
+  same segment), stable for arbitrarily strong per-channel decays.
 
-  ``b_i - b_i`` is exactly 0 but its gradient is ``+ct`` and ``-ct`` on the same
-  element; summed, they cancel only up to rounding, which swamps the true (tiny)
-  gradient of strongly decaying gates. A constant keeps the gradient exact.
-  """
-  n = x.shape[axis]
-  is_last = (jnp.arange(n) == n - 1).reshape((n,) + (1,) * (-axis - 1))
-  return jnp.where(is_last, 0.0, x)
-
-
-def _channel_scores(qc, kc, b, seg, L):
-  """Intra-chunk scores ``A_ij = sum_d q_i[d] k_j[d] exp(b_i[d] - b_j[d])`` (j <= i, same
-  segment), stable for arbitrarily strong per-channel decays.
-
-  Pairs in different sub-chunks (J < I) use the reference point ``c_I = b[start_I - 1]``:
-  ``exp(b_i - b_j) = exp(b_i - c_I) * exp(c_I - b_j)`` with both exponents <= 0. Pairs
-  inside one sub-chunk are computed element-wise on an [L, L, Dk] tensor.
+  Pairs in different sub-chunks (J < I) factor through the reference point at the start
+  of sub-chunk I: ``exp(sum_{start_I <= m <= i} g_m) * exp(sum_{j < m < start_I} g_m)``,
+  both exponents <= 0. Pairs inside one sub-chunk are computed element-wise on an
+  [L, L, Dk] tensor. Every exponent is a sum of exactly the gates in between (see
+  ``kernels._common``), never a difference of cumulative sums.
   """
   B, H, N, C, Dk = qc.shape
   S = C // L
   f32 = jnp.float32
-  bs = b.reshape(B, H, N, S, L, Dk)
+  gs = g.reshape(B, H, N, S, L, Dk)
   qs = qc.reshape(B, H, N, S, L, Dk)
   segs = seg.reshape(seg.shape[:3] + (S, L))  # [B,1,N,S,L]
-  # Reference points: b at the end of the previous sub-chunk (0 before the first).
-  ref = jnp.concatenate([jnp.zeros_like(bs[..., :1, -1, :]), bs[..., :-1, -1, :]], axis=-2)
-  q_t = qs * jnp.exp(bs - ref[..., None, :])  # [B,H,N,S,L,Dk]
+  q_t = qs * jnp.exp(jnp.cumsum(gs, axis=-2))  # decay from the sub-chunk start to i
+  start = (jnp.arange(S) * L)[:, None, None]
+  j, m = jnp.arange(C)[None, :, None], jnp.arange(C)[None, None, :]
+  between = ((j < m) & (m < start)).astype(f32)  # [S, C(j), C(m)]
+  to_ref = jnp.einsum("sjm,bhnmd->bhnsjd", between, g, precision=_HI)  # [B,H,N,S,C,Dk]
   before = jnp.arange(C)[None, :] < (jnp.arange(S) * L)[:, None]  # [S,C]: j < start_I
-  k_t = kc[..., None, :, :] * jnp.exp(
-      jnp.where(before[:, :, None], ref[..., None, :] - b[..., None, :, :], NEG_INF))
+  k_t = kc[..., None, :, :] * jnp.exp(jnp.where(before[:, :, None], to_ref, NEG_INF))
   a_off = jnp.einsum("bhnsld,bhnscd->bhnslc", q_t, k_t, precision=_HI)  # [B,H,N,S,L,C]
   same_off = segs[..., :, None] == seg[..., None, None, :]  # [B,1,N,S,L,C]
   a_off = jnp.where(same_off, a_off, 0.0)
@@ -249,8 +230,8 @@ def _channel_scores(qc, kc, b, seg, L):
   same_d = segs[..., :, None] == segs[..., None, :]  # [B,1,N,S,L,L]
   m = (tri & same_d)[..., None]
   diag = jnp.eye(L, dtype=bool)[:, :, None]
-  dec = jnp.exp(jnp.where(diag, 0.0,
-                          jnp.where(m, bs[..., :, None, :] - bs[..., None, :, :], NEG_INF)))
+  inside = jnp.moveaxis(segment_sum(jnp.moveaxis(gs, -1, -2)), -3, -1)  # [B,H,N,S,L,L,Dk]
+  dec = jnp.exp(jnp.where(diag, 0.0, jnp.where(m, inside, NEG_INF)))
   ks = kc.reshape(B, H, N, S, L, Dk)
   a_diag = jnp.einsum("bhnsid,bhnsjd,bhnsijd->bhnsij", qs, ks, dec, precision=_HI)
   eye = jnp.eye(S, dtype=f32)

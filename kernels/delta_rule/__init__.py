@@ -60,21 +60,13 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from kernels._common import KernelConfig, auto_impl, interpret_key
 from kernels.delta_rule.reference import (check_inputs, chunk_outputs, delta_rule_chunked,
                                           delta_rule_reference, prepare_chunks, unchunk)
 
 __all__ = ["delta_rule", "IMPLS"]
 
 IMPLS = ("auto", "reference", "xla", "pallas_tpu", "pallas_gpu")
-
-
-def _auto_impl() -> str:
-  backend = jax.default_backend()
-  if backend == "tpu":
-    return "pallas_tpu"
-  if backend in ("gpu", "cuda", "rocm"):
-    return "pallas_gpu"
-  return "xla"
 
 
 def delta_rule(q, k, v, beta, log_decay=None, *, initial_state=None, reset=None,
@@ -104,13 +96,16 @@ def delta_rule(q, k, v, beta, log_decay=None, *, initial_state=None, reset=None,
   if impl not in IMPLS:
     raise ValueError(f"impl must be one of {IMPLS}; got {impl!r}.")
   if impl == "auto":
-    impl = _auto_impl()
+    impl = auto_impl()
   if reset is not None:
     reset = reset.astype(bool)
   if impl == "reference":
     return delta_rule_reference(q, k, v, beta, log_decay, initial_state, reset)
-  if impl == "xla":
-    return delta_rule_chunked(q, k, v, beta, log_decay, initial_state, reset, chunk_size)
+  t = q.shape[1]
+  if impl == "xla" or t < 16:
+    # Shorter than a kernel chunk (decoding): one unpadded chunk of T tokens.
+    return delta_rule_chunked(q, k, v, beta, log_decay, initial_state, reset,
+                              max(1, min(int(chunk_size), t)))
   chunk_size = int(chunk_size)
   if chunk_size < 16 or chunk_size % 16:
     raise ValueError(f"impl={impl!r} needs chunk_size to be a positive multiple of 16; "
@@ -118,11 +113,8 @@ def delta_rule(q, k, v, beta, log_decay=None, *, initial_state=None, reset=None,
   if impl == "pallas_gpu" and chunk_size & (chunk_size - 1):
     raise ValueError(f"impl='pallas_gpu' needs chunk_size to be a power of two (Triton "
                      f"tiles); got {chunk_size}.")
-  if isinstance(interpret, bool) or interpret is None:
-    interpret_key = bool(interpret)
-  else:
-    interpret_key = interpret  # e.g. pltpu.InterpretParams (a hashable dataclass)
-  cfg = _Config(impl=impl, interpret=interpret_key, cdt=jnp.dtype(q.dtype).name)
+  cfg = KernelConfig(impl=impl, interpret=interpret_key(interpret),
+                     cdt=jnp.dtype(q.dtype).name)
   B, T, H, Dk = q.shape
   Dv = v.shape[-1]
   c = prepare_chunks(q, k, v, beta, log_decay, reset, chunk_size)
@@ -136,26 +128,6 @@ def delta_rule(q, k, v, beta, log_decay=None, *, initial_state=None, reset=None,
 # ----------------------------------------------------------------------------------
 # Pallas implementations: the kernel part and its custom VJP.
 # ----------------------------------------------------------------------------------
-
-
-@functools.total_ordering
-class _Config:
-  """Static configuration (hashable) of a Pallas call."""
-
-  def __init__(self, impl, interpret, cdt):
-    self.impl, self.interpret, self.cdt = impl, interpret, cdt
-
-  def _key(self):
-    return (self.impl, repr(self.interpret), self.cdt)
-
-  def __hash__(self):
-    return hash(self._key())
-
-  def __eq__(self, other):
-    return isinstance(other, _Config) and self._key() == other._key()
-
-  def __lt__(self, other):
-    return self._key() < other._key()
 
 
 def _backend(impl):

@@ -40,8 +40,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels.chunked_scan.pallas_gpu import _pad_last, _pow2
-from kernels.delta_rule.reference import suffix_sum
+from kernels._common import pad_last, pow2, suffix_sum
 
 F32 = jnp.float32
 NEG_INF = float("-inf")
@@ -150,7 +149,7 @@ def _layout(B, H, N, C, Dkp, BV, g, seg):
 
 def _flat(x, d, cdt):
   B, H, N, C, _ = x.shape
-  return _pad_last(x.astype(cdt), d).reshape(B, H, N * C, d)
+  return pad_last(x.astype(cdt), d).reshape(B, H, N * C, d)
 
 
 def _pad_state(s, dk, dv):
@@ -164,7 +163,7 @@ def forward(q, k, w, u, g, seg, s0, *, want_states=False, compute_dtype=None,
   Dv = u.shape[-1]
   cdt = jnp.dtype(compute_dtype or q.dtype)
   out_dtype = out_dtype or cdt
-  Dkp, Dvp = _pow2(Dk), _pow2(Dv)
+  Dkp, Dvp = pow2(Dk), pow2(Dv)
   BV = min(Dvp, block_v)
   k_spec, v_spec, extra_specs, extra, state_spec, states_spec = _layout(
       B, H, N, C, Dkp, BV, g, seg)
@@ -199,7 +198,7 @@ def backward(q, k, w, g, seg, do, dsf, *, compute_dtype=None, interpret=False, b
   B, H, N, C, Dk = q.shape
   Dv = do.shape[-1]
   cdt = jnp.dtype(compute_dtype or q.dtype)
-  Dkp, Dvp = _pow2(Dk), _pow2(Dv)
+  Dkp, Dvp = pow2(Dk), pow2(Dv)
   BV = min(Dvp, block_v)
   k_spec, v_spec, extra_specs, extra, state_spec, states_spec = _layout(
       B, H, N, C, Dkp, BV, g, seg)

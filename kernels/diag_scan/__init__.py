@@ -62,6 +62,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from kernels._common import KernelConfig, auto_impl, interpret_key, pad_time
 from kernels.diag_scan.reference import (check_inputs, diagonal_recurrence_chunked,
                                          diagonal_recurrence_reference, state_dtype)
 
@@ -72,14 +73,7 @@ PALLAS_IMPLS = ("pallas_tpu", "pallas_gpu")
 
 
 def _auto_impl(is_complex: bool) -> str:
-  backend = jax.default_backend()
-  if is_complex:
-    return "xla"
-  if backend == "tpu":
-    return "pallas_tpu"
-  if backend in ("gpu", "cuda", "rocm"):
-    return "pallas_gpu"
-  return "xla"
+  return "xla" if is_complex else auto_impl()  # the Pallas kernels are real-only
 
 
 def diagonal_recurrence(log_a, b, *, initial_state=None, reset=None, chunk_size: int = 128,
@@ -124,11 +118,7 @@ def diagonal_recurrence(log_a, b, *, initial_state=None, reset=None, chunk_size:
   if is_complex:
     raise ValueError(f"impl={impl!r} supports real inputs only; use impl='xla' (or "
                      f"'auto') for complex log_a / b (S4D).")
-  if isinstance(interpret, bool) or interpret is None:
-    interpret_key = bool(interpret)
-  else:
-    interpret_key = interpret  # e.g. pltpu.InterpretParams (a hashable dataclass)
-  cfg = _Config(impl=impl, chunk=chunk_size, interpret=interpret_key)
+  cfg = KernelConfig(impl=impl, chunk=chunk_size, interpret=interpret_key(interpret))
 
   Bn, T = b.shape[:2]
   chan = b.shape[2:]
@@ -147,26 +137,6 @@ def diagonal_recurrence(log_a, b, *, initial_state=None, reset=None, chunk_size:
 # ----------------------------------------------------------------------------------
 
 
-@functools.total_ordering
-class _Config:
-  """Static configuration (hashable) of a Pallas call."""
-
-  def __init__(self, impl, chunk, interpret):
-    self.impl, self.chunk, self.interpret = impl, chunk, interpret
-
-  def _key(self):
-    return (self.impl, self.chunk, repr(self.interpret))
-
-  def __hash__(self):
-    return hash(self._key())
-
-  def __eq__(self, other):
-    return isinstance(other, _Config) and self._key() == other._key()
-
-  def __lt__(self, other):
-    return self._key() < other._key()
-
-
 def _backend(impl):
   if impl == "pallas_tpu":
     from kernels.diag_scan import pallas_tpu
@@ -175,21 +145,15 @@ def _backend(impl):
   return pallas_gpu
 
 
-def _pad_front(x, tp):
-  """Pad axis 1 (time) at the front to ``tp``: zero log decay and zero input leave the
-  carry untouched, in both directions (forward: ``c = 1*c + 0``; reverse: ``c = 1*(0+c)``)."""
-  if x.shape[1] == tp:
-    return x
-  return jnp.pad(x, [(0, 0), (tp - x.shape[1], 0)] + [(0, 0)] * (x.ndim - 2))
-
-
 def _run_kernel(cfg, la, b, h0, *, reverse=False, out_dtype=None):
   """``[B, T, F]`` inputs -> ``(out [B, T, F], final carry [B, F] fp32)``; pads T (front) to
   a multiple of the chunk for the TPU kernel (the GPU kernel loops over tokens)."""
   T = b.shape[1]
   if cfg.impl == "pallas_tpu":
     tp = -(-T // cfg.chunk) * cfg.chunk
-    la, b = _pad_front(la, tp), _pad_front(b, tp)
+    # zero log decay and zero input leave the carry untouched, in both directions
+    # (forward: c = 1*c + 0; reverse: c = 1*(0+c))
+    la, b = pad_time(la, tp), pad_time(b, tp)
   out, hf = _backend(cfg.impl).forward(la, b, h0, chunk=cfg.chunk, reverse=reverse,
                                        out_dtype=out_dtype or b.dtype,
                                        interpret=cfg.interpret)

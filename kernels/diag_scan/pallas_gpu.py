@@ -30,6 +30,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from kernels._common import pad_last, pow2
+
 F32 = jnp.float32
 
 
@@ -56,16 +58,6 @@ def _kernel(*refs, T, reverse, has_h0):
   hf_ref[...] = lax.fori_loop(0, T, step, c)
 
 
-def _pow2(d):
-  return max(16, 1 << (int(d) - 1).bit_length())
-
-
-def _pad_last(x, n):
-  if x is None or x.shape[-1] == n:
-    return x
-  return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, n - x.shape[-1])])
-
-
 def forward(la, b, h0, *, chunk=None, reverse=False, out_dtype=None, interpret=False,
             block_d=32, num_warps=1):
   """Run the kernel on prepared inputs (same contract as ``pallas_tpu.forward``; ``chunk``
@@ -78,9 +70,9 @@ def forward(la, b, h0, *, chunk=None, reverse=False, out_dtype=None, interpret=F
   del chunk
   B, T, F = b.shape
   out_dtype = out_dtype or b.dtype
-  BD = min(_pow2(F), _pow2(block_d))
+  BD = min(pow2(F), pow2(block_d))
   Fp = -(-F // BD) * BD
-  la, b = _pad_last(la, Fp), _pad_last(b, Fp)
+  la, b = pad_last(la, Fp), pad_last(b, Fp)
   sq = pl.squeezed
   tok_spec = pl.BlockSpec((sq, T, BD), lambda bi, d: (bi, 0, d))
   state_spec = pl.BlockSpec((sq, BD), lambda bi, d: (bi, d))
@@ -89,7 +81,7 @@ def forward(la, b, h0, *, chunk=None, reverse=False, out_dtype=None, interpret=F
   has_h0 = h0 is not None
   if has_h0:
     in_specs.append(state_spec)
-    args.append(_pad_last(h0.astype(F32), Fp))
+    args.append(pad_last(h0.astype(F32), Fp))
   kernel = functools.partial(_kernel, T=T, reverse=reverse, has_h0=has_h0)
   o, hf = pl.pallas_call(
       kernel,

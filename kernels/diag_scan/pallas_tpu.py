@@ -30,6 +30,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from kernels._common import pad_last
+
 F32 = jnp.float32
 LANES = 128
 
@@ -73,12 +75,6 @@ def _rows(*dtypes):
   return max(8 * (4 // jnp.dtype(d).itemsize) for d in dtypes)
 
 
-def _pad_last(x, n):
-  if x is None or x.shape[-1] == n:
-    return x
-  return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, n - x.shape[-1])])
-
-
 def forward(la, b, h0, *, chunk, reverse=False, out_dtype=None, interpret=False,
             unroll=8):
   """Run the kernel on prepared inputs.
@@ -104,7 +100,7 @@ def forward(la, b, h0, *, chunk, reverse=False, out_dtype=None, interpret=False,
   else:
     DB, Gp = rows, -(-G // rows) * rows
   Fp = Gp * LANES
-  la, b = _pad_last(la, Fp), _pad_last(b, Fp)
+  la, b = pad_last(la, Fp), pad_last(b, Fp)
   tiles = lambda x: x.reshape(B, Tp, Gp, LANES)
   sq = pl.squeezed
   chunk_idx = (lambda n: N - 1 - n) if reverse else (lambda n: n)
@@ -115,7 +111,7 @@ def forward(la, b, h0, *, chunk, reverse=False, out_dtype=None, interpret=False,
   has_h0 = h0 is not None
   if has_h0:
     in_specs.append(state_spec)
-    args.append(_pad_last(h0.astype(F32), Fp).reshape(B, Gp, LANES))
+    args.append(pad_last(h0.astype(F32), Fp).reshape(B, Gp, LANES))
   kernel = functools.partial(_kernel, C=C, reverse=reverse, has_h0=has_h0,
                              unroll=1 if interpret else math.gcd(max(1, int(unroll)), C))
   o, hf = pl.pallas_call(

@@ -40,6 +40,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from kernels._common import pad_time
+
 NEG_INF = -jnp.inf
 
 
@@ -164,10 +166,7 @@ def diagonal_recurrence_chunked(log_a, b, initial_state=None, reset=None, chunk_
   Tp = N * C
 
   def to_chunks(x, fill=0):  # [B, T, ...] -> [C, B, N, ...] (position-major), front-padded
-    if Tp != T:
-      pad = [(0, 0)] * x.ndim
-      pad[1] = (Tp - T, 0)
-      x = jnp.pad(x, pad, constant_values=fill)
+    x = pad_time(x, Tp, fill)
     return jnp.moveaxis(x.reshape((Bn, N, C) + x.shape[2:]), 2, 0)
 
   xs = {"la": to_chunks(jnp.broadcast_to(log_a, b.shape).astype(dt)),

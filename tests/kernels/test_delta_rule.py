@@ -19,6 +19,8 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 
 from kernels.delta_rule import delta_rule
+from tests.kernels._helpers import export as _export
+from tests.kernels._helpers import jit_fast as _jit
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
@@ -57,25 +59,6 @@ def _inputs(gated, dtype=jnp.float32, seed=0):
 def _weights():
   ks = jax.random.split(jax.random.PRNGKey(123), 2)
   return jax.random.normal(ks[0], (B, T, H, DV)), jax.random.normal(ks[1], (B, H, DK, DV))
-
-
-_FAST_COMPILE = {"xla_backend_optimization_level": 0}  # ~2.5x faster CPU compiles
-
-
-def _jit(fn):
-  """``jax.jit`` compiled with a low XLA optimisation level (tests are compile-bound: the
-  interpreted kernels run in milliseconds), one executable per argument signature."""
-  jitted = jax.jit(fn)
-  cache = {}
-
-  def run(*args):
-    key = jax.tree.structure(args), tuple(
-        (a.shape, a.dtype) for a in jax.tree.leaves(args))
-    if key not in cache:
-      cache[key] = jitted.lower(*args).compile(compiler_options=_FAST_COMPILE)
-    return cache[key](*args)
-
-  return run
 
 
 def _value_and_grad(impl, chunk_size=32):
@@ -392,19 +375,6 @@ def _prod_args(gated):
   g = sd((b_, t_, h_), jnp.float32) if gated else None
   return (bf(b_, t_, h_, d_), bf(b_, t_, h_, d_), bf(b_, t_, h_, d_), bf(b_, t_, h_), g,
           sd((b_, h_, d_, d_), jnp.float32), sd((b_, t_), jnp.bool_))
-
-
-def _export(fn, args, platform):
-  if platform == "tpu":
-    return jax.export.export(jax.jit(fn), platforms=["tpu"])(*args)
-  mesh = jax.sharding.AbstractMesh(
-      (1,), ("x",), abstract_device=jax.sharding.AbstractDevice(
-          device_kind="NVIDIA H100", num_cores=132, platform="gpu"))
-  with jax.sharding.use_abstract_mesh(mesh):
-    return jax.export.export(
-        jax.jit(fn), platforms=["cuda"],
-        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
-    )(*args)
 
 
 @pytest.mark.parametrize("gated", [False, True])

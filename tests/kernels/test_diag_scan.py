@@ -17,6 +17,11 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 
 from kernels.diag_scan import diagonal_recurrence
+from tests.kernels._helpers import export as _export
+from tests.kernels._helpers import jit_fast as _jit
+
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
 
 B, T = 2, 50  # T is not a multiple of any chunk size used
 SHAPES = {"btd": (B, T, 6), "btdn": (B, T, 3, 4)}  # S4D / RG-LRU style; Mamba-1 style
@@ -57,25 +62,6 @@ def _weights(shape):
   rng = np.random.default_rng(123)
   return (rng.normal(size=shape).astype(np.float32),
           rng.normal(size=(shape[0],) + shape[2:]).astype(np.float32))
-
-
-_FAST_COMPILE = {"xla_backend_optimization_level": 0}  # faster CPU compiles
-
-
-def _jit(fn):
-  """``jax.jit`` compiled with a low XLA optimisation level (tests are compile-bound: the
-  interpreted kernels run in milliseconds), one executable per argument signature."""
-  jitted = jax.jit(fn)
-  cache = {}
-
-  def run(*args):
-    key = jax.tree.structure(args), tuple(
-        (a.shape, a.dtype) for a in jax.tree.leaves(args))
-    if key not in cache:
-      cache[key] = jitted.lower(*args).compile(compiler_options=_FAST_COMPILE)
-    return cache[key](*args)
-
-  return run
 
 
 @functools.lru_cache(maxsize=None)
@@ -394,19 +380,6 @@ def _prod_args(shape_name):
   sd = jax.ShapeDtypeStruct
   return (sd(shape, jnp.float32), sd(shape, jnp.bfloat16),
           sd((shape[0],) + shape[2:], jnp.float32), sd(shape[:2], jnp.bool_))
-
-
-def _export(fn, args, platform):
-  if platform == "tpu":
-    return jax.export.export(jax.jit(fn), platforms=["tpu"])(*args)
-  mesh = jax.sharding.AbstractMesh(
-      (1,), ("x",), abstract_device=jax.sharding.AbstractDevice(
-          device_kind="NVIDIA H100", num_cores=132, platform="gpu"))
-  with jax.sharding.use_abstract_mesh(mesh):
-    return jax.export.export(
-        jax.jit(fn), platforms=["cuda"],
-        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
-    )(*args)
 
 
 @pytest.mark.parametrize("shape_name", sorted(PROD))
