@@ -501,7 +501,38 @@ class _QKVConv(nnx.Module):
         getattr(self, n).channels for n in ("q", "k", "v"))
 
 
-class GLA(_Mixer):
+class _MatrixStateMixer(_Mixer):
+  """The contract methods shared by GLA and DeltaNet: a [B, H, Dk, Dv] state ``S`` plus the
+  optional short-convolution state. Subclasses define ``_core(x, segment_ids, reset,
+  state) -> (y, final S, conv state)`` and ``num_heads``, ``head_dim``, ``value_dim``,
+  ``conv``."""
+
+  def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+    self._check_x(x)
+    return self._core(x, segment_ids, _doc_starts(segment_ids), None)[0]
+
+  def init_state(self, batch: int, dtype=jnp.float32, *, max_len: int | None = None):
+    del max_len
+    state = {"S": jnp.zeros((batch, self.num_heads, self.head_dim, self.value_dim), dtype)}
+    if self.conv is not None:
+      state.update(self.conv.init_state(batch, dtype))
+    return state
+
+  def step(self, x: jax.Array, state):
+    self._check_x(x)
+    y, sf, conv_state = self._core(x, None, None, state)
+    new = {"S": sf.astype(state["S"].dtype)}
+    if conv_state is not None:
+      new.update(conv_state)
+    return y, new
+
+  def state_size(self, batch: int, *, max_len: int | None = None) -> int:
+    del max_len
+    n = batch * self.num_heads * self.head_dim * self.value_dim
+    return n + (self.conv.state_size(batch) if self.conv is not None else 0)
+
+
+class GLA(_MatrixStateMixer):
   """Gated linear attention (Yang et al. 2023), fla's layer:
   ``S_t = diag(alpha_t) S_{t-1} + k_t v_t^T``, ``o_t = S_t^T q_t / sqrt(Dk)`` with the
   key-wise forget gate ``log alpha_t = logsigmoid(W2 W1 x_t + b) / 16`` (rank-16 W2 W1),
@@ -558,29 +589,6 @@ class GLA(_Mixer):
     o = self.norm(o, self.g(x)) if self.g is not None else self.norm(o)
     return self._project_out(o), sf, conv_state
 
-  def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
-    self._check_x(x)
-    return self._core(x, segment_ids, _doc_starts(segment_ids), None)[0]
-
-  def init_state(self, batch: int, dtype=jnp.float32, *, max_len: int | None = None):
-    del max_len
-    state = {"S": jnp.zeros((batch, self.num_heads, self.head_dim, self.value_dim), dtype)}
-    if self.conv is not None:
-      state.update(self.conv.init_state(batch, dtype))
-    return state
-
-  def step(self, x: jax.Array, state):
-    self._check_x(x)
-    y, sf, conv_state = self._core(x, None, None, state)
-    new = {"S": sf.astype(state["S"].dtype)}
-    if conv_state is not None:
-      new.update(conv_state)
-    return y, new
-
-  def state_size(self, batch: int, *, max_len: int | None = None) -> int:
-    del max_len
-    n = batch * self.num_heads * self.head_dim * self.value_dim
-    return n + (self.conv.state_size(batch) if self.conv is not None else 0)
 
 
 # ----------------------------------------------------------------------------------
@@ -677,7 +685,7 @@ def _dt_bias_init(dt_min: float, dt_max: float, floor: float):
   return init
 
 
-class DeltaNet(_Mixer):
+class DeltaNet(_MatrixStateMixer):
   """DeltaNet (Yang et al. 2024), fla's layer: q, k, v -> short conv -> SiLU; q, k
   L2-normalised per head and q scaled by Dk^-0.5; ``beta = sigmoid(W_b x)``;
   ``S_t = S_{t-1} + beta_t k_t (v_t - S_{t-1}^T k_t)^T``, ``o_t = S_t^T q_t``; per-head
@@ -745,29 +753,6 @@ class DeltaNet(_Mixer):
     o = self.norm(o, self.g(x)) if self.g is not None else self.norm(o)
     return self._project_out(o), sf, conv_state
 
-  def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
-    self._check_x(x)
-    return self._core(x, segment_ids, _doc_starts(segment_ids), None)[0]
-
-  def init_state(self, batch: int, dtype=jnp.float32, *, max_len: int | None = None):
-    del max_len
-    state = {"S": jnp.zeros((batch, self.num_heads, self.head_dim, self.value_dim), dtype)}
-    if self.conv is not None:
-      state.update(self.conv.init_state(batch, dtype))
-    return state
-
-  def step(self, x: jax.Array, state):
-    self._check_x(x)
-    y, sf, conv_state = self._core(x, None, None, state)
-    new = {"S": sf.astype(state["S"].dtype)}
-    if conv_state is not None:
-      new.update(conv_state)
-    return y, new
-
-  def state_size(self, batch: int, *, max_len: int | None = None) -> int:
-    del max_len
-    n = batch * self.num_heads * self.head_dim * self.value_dim
-    return n + (self.conv.state_size(batch) if self.conv is not None else 0)
 
 
 class GatedDeltaNet(DeltaNet):
