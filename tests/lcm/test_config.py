@@ -125,3 +125,10 @@ def test_seq_len_must_fit_a_mixers_block_size(monkeypatch):
   with pytest.raises(ConfigError) as e:
     config_lib.validate(c, num_devices=1)
   assert e.value.field == "data.seq_len" and "block_size=16" in str(e.value)
+
+
+@pytest.mark.parametrize("name", registry.names())
+def test_every_mixer_has_a_valid_mqar_config(name):
+  c = mqar.get_config(name)
+  config_lib.validate(c, num_devices=1)
+  assert c.model.pattern == name
