@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import numpy as np
 
 FAST_COMPILE = {"xla_backend_optimization_level": 0}  # ~2.5x faster CPU compiles
 
@@ -36,3 +37,36 @@ def export(fn, args, platform):
         jax.jit(fn), platforms=["cuda"],
         disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
     )(*args)
+
+
+def worst_group_rel_err(ref, got, groups):
+  """max |got - ref| / max |ref| within each group, worst group: a strongly decaying head
+  or channel is judged on its own scale. ``groups`` is a list of index functions."""
+  ref = np.asarray(ref, np.complex128)
+  got = np.asarray(got, np.complex128)
+  assert np.all(np.isfinite(got)), "non-finite values"
+  worst = 0.0
+  for pick in groups:
+    r, g_ = pick(ref), pick(got)
+    scale = np.max(np.abs(r))
+    if scale == 0.0:
+      assert np.max(np.abs(g_)) == 0.0
+      continue
+    worst = max(worst, np.max(np.abs(g_ - r)) / scale)
+  return worst
+
+
+def per_head_rel_err(ref, got, bth):
+  """Worst per-head relative error; heads on axis 2 of [B,T,H,...] (when the leading shape
+  is ``bth``), else axis 1 of [B,H,...]."""
+  ref = np.asarray(ref)
+  axis = 2 if ref.ndim >= 3 and ref.shape[:3] == tuple(bth) else 1
+  return worst_group_rel_err(
+      ref, got, [lambda a, h=h: np.take(a, h, axis=axis) for h in range(bth[2])])
+
+
+def rel_rms(ref, got):
+  ref = np.asarray(ref, np.float64)
+  got = np.asarray(got, np.float64)
+  assert np.all(np.isfinite(got)), "non-finite values"
+  return np.sqrt(np.mean((got - ref) ** 2) / np.mean(ref ** 2))

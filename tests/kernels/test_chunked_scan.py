@@ -19,6 +19,7 @@ from jax.experimental.pallas import tpu as pltpu
 from kernels.chunked_scan import linear_recurrence
 from tests.kernels._helpers import export as _export
 from tests.kernels._helpers import jit_fast as _jit
+from tests.kernels._helpers import per_head_rel_err, rel_rms
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
@@ -92,28 +93,10 @@ def _call(fn, x, **over):
 
 
 def _per_head_rel_err(ref, got):
-  """max |got - ref| / max |ref|, per head (axis 2 of [B,T,H,...], axis 1 of [B,H,...]),
-  so a strongly decaying head is judged on its own scale; returns the worst head."""
-  ref = np.asarray(ref, np.float64)
-  got = np.asarray(got, np.float64)
-  assert np.all(np.isfinite(got)), "non-finite values"
-  axis = 2 if ref.ndim >= 3 and ref.shape[:3] == (B, T, H) else 1
-  worst = 0.0
-  for h in range(H):
-    r, g_ = np.take(ref, h, axis=axis), np.take(got, h, axis=axis)
-    scale = np.max(np.abs(r))
-    if scale == 0.0:
-      assert np.max(np.abs(g_)) == 0.0
-      continue
-    worst = max(worst, np.max(np.abs(g_ - r)) / scale)
-  return worst
+  return per_head_rel_err(ref, got, (B, T, H))
 
 
-def _rel_rms(ref, got):
-  ref = np.asarray(ref, np.float64)
-  got = np.asarray(got, np.float64)
-  assert np.all(np.isfinite(got)), "non-finite values"
-  return np.sqrt(np.mean((got - ref) ** 2) / np.mean(ref ** 2))
+_rel_rms = rel_rms
 
 
 @functools.lru_cache(maxsize=None)

@@ -19,6 +19,7 @@ from jax.experimental.pallas import tpu as pltpu
 from kernels.diag_scan import diagonal_recurrence
 from tests.kernels._helpers import export as _export
 from tests.kernels._helpers import jit_fast as _jit
+from tests.kernels._helpers import rel_rms, worst_group_rel_err
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
@@ -99,27 +100,12 @@ def _call(fn, x, **over):
 
 
 def _per_group_rel_err(ref, got):
-  """max |got - ref| / max |ref| within each decay regime (last axis, channel % 3), so the
-  strongly decaying channels are judged on their own scale; returns the worst group."""
-  ref = np.asarray(ref, np.complex128)
-  got = np.asarray(got, np.complex128)
-  assert np.all(np.isfinite(got)), "non-finite values"
-  worst = 0.0
-  for gi in range(len(GROUPS)):
-    r, g_ = ref[..., gi::3], got[..., gi::3]
-    scale = np.max(np.abs(r))
-    if scale == 0.0:
-      assert np.max(np.abs(g_)) == 0.0
-      continue
-    worst = max(worst, np.max(np.abs(g_ - r)) / scale)
-  return worst
+  """Worst relative error over the decay regimes (last axis, channel % 3)."""
+  return worst_group_rel_err(
+      ref, got, [lambda a, gi=gi: a[..., gi::3] for gi in range(len(GROUPS))])
 
 
-def _rel_rms(ref, got):
-  ref = np.asarray(ref, np.float64)
-  got = np.asarray(got, np.float64)
-  assert np.all(np.isfinite(got)), "non-finite values"
-  return np.sqrt(np.mean((got - ref) ** 2) / np.mean(ref ** 2))
+_rel_rms = rel_rms
 
 
 @functools.lru_cache(maxsize=None)
