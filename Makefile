@@ -18,7 +18,7 @@ for c in $${PYTHON:-} python3.13 python3.12 python3 /root/.pyenv/versions/3.1[2-
 done; exit 1
 endef
 
-.PHONY: train test venv venv-dev clean
+.PHONY: train test venv venv-dev bench clean
 
 $(VENV)/.base: setup.cfg pyproject.toml
 	@py=$$($(find_python)) || { \
@@ -35,6 +35,10 @@ $(VENV)/.dev: $(VENV)/.base
 	$(PY) -m pip install -q -e '.[dev,notebooks]'
 	@touch $@
 
+$(VENV)/.bench: $(VENV)/.base
+	$(PY) -m pip install -q -e '.[bench]'
+	@touch $@
+
 venv: $(VENV)/.base
 venv-dev: $(VENV)/.dev
 
@@ -44,6 +48,10 @@ train: $(VENV)/.base
 
 test: $(VENV)/.dev
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+
+# Layer throughput vs the published peers (mamba2-jax, titans-pytorch), in one process.
+bench: $(VENV)/.bench
+	$(PY) -m experiments.bench layers --repeats=3 --out=results/bench_layers
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -19,10 +19,39 @@ same-run fp32 matmul interleaved in one process; plus the fitted scaling exponen
 ``xla`` and the achieved GFLOP/s of ``linear_recurrence`` as a fraction of the matmul's.
 Points that would not fit in reasonable time or memory are skipped with a note in the
 JSON. The issue's targets are reported with pass / fail.
+
+    python -m experiments.bench layers --repeats=3 --out=results/bench_layers
+
+``layers`` (or ``--what=layers``): forward + backward time (jitted ``jax.grad`` of
+``sum(y)`` w.r.t. the layer's parameters and its input ``x``, compiled and warmed up first)
+of whole registered mixers at batch 1, fp32, against published peers timed in the same
+process, all cases interleaved:
+
+  * ``mamba2`` (d_model 256, d_state 64, head_dim 64, expand 2, chunk 256, ngroups 1,
+    d_conv 4, ``impl="xla"``) at ``--layers_lengths`` (4k..64k; the scaling exponent is fit
+    over them) vs the pure-JAX ``mamba2-jax`` ``Mamba2Mixer`` at the same config (PyPI
+    ``mamba2-jax``) at ``--layers_peer_lengths``;
+  * ``s4d`` and ``mamba`` (same d_model and d_state; Mamba expand 2) at
+    ``--layers_ssm_lengths`` (Mamba's [B, T, d_inner, d_state] scan states make its longer
+    points exceed ``--layers_max_temp_gib``: skipped, with a note);
+  * ``titans_lmm`` (4 heads, chunk 64) vs the PyTorch ``titans-pytorch``
+    ``NeuralMemory(dim=256, chunk_size=64, heads=4)`` (``loss.backward()``, torch limited
+    to the cores JAX uses), plus the same peer matched to lcm's layer
+    (``titans_pytorch_matched``: ``dim_head = d_model / heads`` and the memory MLP's depth and
+    expansion of ``titans_lmm``; the named constructor defaults to ``dim_head = dim``, i.e.
+    4x wider heads, and expansion 4). ``titans_lmm`` is timed only when registered.
+
+The peers are optional (``pip install -e '.[bench]'`` or ``make bench``): a peer that is not
+installed is reported as such. Points whose compiled temporaries exceed
+``--layers_max_temp_gib`` are skipped with a note. Writes JSON (+ a log-log PNG of ms vs T)
+with ms, tokens/s, parameter counts, speed-up ratios (peer ms / lcm ms), the exponent and
+the issues' targets (pass / fail / None when not measured).
 """
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import json
 import math
 import os
@@ -38,8 +67,9 @@ from flax import nnx
 from kernels import chunked_scan, delta_rule, diag_scan
 from lcm import config as config_lib
 from lcm import model as model_lib
+from lcm import registry
 
-_WHAT = flags.DEFINE_enum("what", "decode", ["decode", "kernels"],
+_WHAT = flags.DEFINE_enum("what", "decode", ["decode", "kernels", "layers"],
                           "Which benchmark (may also be given as the positional argument).")
 _MIXERS = flags.DEFINE_list("mixers", ["attention", "mamba2", "gated_deltanet"], "Mixers.")
 _CONTEXTS = flags.DEFINE_list("contexts", ["1024", "32768"], "Context lengths.")
@@ -68,6 +98,25 @@ _MAX_CALL_S = flags.DEFINE_float("max_call_seconds", 60.0,
 _FIT_FROM = flags.DEFINE_integer("fit_from", 4096,
                                  "Scaling exponent: fit xla times for T >= this.")
 _MATMUL_N = flags.DEFINE_integer("matmul_size", 1024, "Same-run fp32 matmul: [n,n] @ [n,n].")
+# --what=layers
+_L_LENGTHS = flags.DEFINE_list("layers_lengths", [str(4096 << i) for i in range(5)],
+                               "mamba2 sequence lengths (layers; exponent fit over them).")
+_L_PEER_LENGTHS = flags.DEFINE_list("layers_peer_lengths", ["4096", "16384", "65536"],
+                                    "mamba2-jax peer sequence lengths (layers).")
+_L_SSM_LENGTHS = flags.DEFINE_list("layers_ssm_lengths", ["4096", "8192", "16384"],
+                                   "s4d and mamba sequence lengths (layers).")
+_L_TITANS_LENGTHS = flags.DEFINE_list("layers_titans_lengths", ["4096"],
+                                      "titans_lmm and titans-pytorch sequence lengths.")
+_L_D_MODEL = flags.DEFINE_integer("layers_d_model", 256, "d_model (layers).")
+_L_D_STATE = flags.DEFINE_integer("layers_d_state", 64, "d_state of mamba2/s4d/mamba.")
+_L_HEAD_DIM = flags.DEFINE_integer("layers_head_dim", 64, "mamba2 head_dim (layers).")
+_L_EXPAND = flags.DEFINE_integer("layers_expand", 2, "mamba2/mamba expand (layers).")
+_L_CHUNK = flags.DEFINE_integer("layers_chunk_size", 256, "mamba2 chunk_size (layers).")
+_L_TITANS_HEADS = flags.DEFINE_integer("layers_titans_heads", 4, "titans heads (layers).")
+_L_TITANS_CHUNK = flags.DEFINE_integer("layers_titans_chunk", 64, "titans chunk (layers).")
+_L_PEERS = flags.DEFINE_bool("layers_peers", True, "Time the installed peers (layers).")
+_L_MAX_TEMP = flags.DEFINE_float("layers_max_temp_gib", 8.0,
+                                 "Skip a JAX point whose compiled temporaries exceed this.")
 
 
 def _lm(name: str, d_model: int, num_layers: int) -> model_lib.LM:
@@ -345,6 +394,384 @@ def kernel_benchmark(ops, lengths, *, batch, heads, head_dim, chunk_size, repeat
           "all_targets_pass": all(tg["pass"] is True for tg in targets)}
 
 
+# ----------------------------------------------------------------------------------
+# --what=layers
+# ----------------------------------------------------------------------------------
+
+# The issues' targets: issue 5 item 3 (mamba2 fwd+bwd at B=1, T=4096, d_model 256, d_state
+# 64, head_dim 64, expand 2, chunk 256 >= 2x faster than mamba2-jax's Mamba2Mixer at the
+# same config; time ~ T^p with p <= 1.1 from 4k to 64k) and issue 7 item 4 (titans_lmm
+# fwd+bwd at B=1, T=4096, d_model 256, 4 heads, chunk 64 >= 10x faster than titans-pytorch's
+# NeuralMemory(dim=256, chunk_size=64, heads=4)).
+_LAYERS_TARGET_T = 4096
+_LAYERS_EXPONENT_SPAN = (4096, 65536)
+_MAMBA2_TARGET_SPEEDUP = 2.0
+_MAMBA2_TARGET_EXPONENT = 1.1
+_TITANS_TARGET_SPEEDUP = 10.0
+_LAYERS_ISSUE_CONFIG = {"batch": 1, "d_model": 256, "d_state": 64, "head_dim": 64,
+                        "expand": 2, "chunk_size": 256, "titans_heads": 4, "titans_chunk": 64}
+# Peers: PyPI distribution -> import name. Installed by the `bench` extra, never required.
+LAYER_PEERS = {"mamba2-jax": "mamba2_jax", "titans-pytorch": "titans_pytorch"}
+
+
+def cpu_threads() -> int:
+  """Cores this process may run on: XLA:CPU sizes its intra-op thread pool to them, and the
+  torch peer is limited to the same number (``torch.set_num_threads``)."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # not Linux
+    return os.cpu_count() or 1
+
+
+def _count(tree) -> int:
+  return int(sum(np.size(x) for x in jax.tree.leaves(tree)))
+
+
+def _peer_installed(dist: str) -> bool:
+  return importlib.util.find_spec(LAYER_PEERS[dist]) is not None
+
+
+def _jax_layer_grad(module, call):
+  """``(f, params, n_params)``: ``f(params, x)`` is the jitted ``jax.grad`` of
+  ``sum(call(module, x))`` w.r.t. the module's ``nnx.Param``s and ``x`` (the module is split
+  once into pure dicts and merged inside the trace)."""
+  graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+  params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
+
+  def loss(params, x):
+    return jnp.sum(call(nnx.merge(graphdef, params, rest), x).astype(jnp.float32))
+
+  return jax.jit(jax.grad(loss, argnums=(0, 1))), params, _count(params)
+
+
+def _titans_overrides(heads: int, chunk: int) -> dict:
+  """titans_lmm's Config fields for the head count and the chunk size."""
+  return {"num_heads": heads, "chunk_size": chunk}
+
+
+def _layer_series(*, d_model, d_state, head_dim, expand, chunk_size, titans_heads,
+                  titans_chunk, mamba2_lengths, peer_lengths, ssm_lengths, titans_lengths,
+                  peers):
+  """The timed series: ``{key: spec}``; a spec is ``{"status": why}`` (not timed) or has
+  ``kind`` ("jax" / "torch"), ``lengths``, ``build() -> (module, call, info)``. ``peers``:
+  True (every installed peer), False, or a collection of PyPI names (``LAYER_PEERS``)."""
+  series = {}
+
+  def lcm_layer(name, overrides, lengths, note=""):
+    def build():
+      module = registry.create(name, d_model=d_model, rngs=nnx.Rngs(0), **overrides)
+      cfg = registry.config_fields(name)
+      cfg.update(overrides)
+      info = {"source": f"lcm.registry.create({name!r}, d_model={d_model}, **config)",
+              "config": cfg}
+      if note:
+        info["note"] = note
+      return module, lambda m, x: m(x), info
+    return {"kind": "jax", "lengths": list(lengths), "build": build}
+
+  ssm = {"d_state": d_state, "impl": "xla"}
+  series["mamba2"] = lcm_layer("mamba2", {**ssm, "head_dim": head_dim, "expand": expand,
+                                          "chunk_size": chunk_size, "ngroups": 1,
+                                          "d_conv": 4}, mamba2_lengths)
+  series["s4d"] = lcm_layer("s4d", ssm, ssm_lengths,
+                            "no segment_ids: S4D's __call__ uses its FFT convolution "
+                            "(Config.parallel='fft')")
+  series["mamba"] = lcm_layer("mamba", {**ssm, "expand": expand}, ssm_lengths)
+  if "titans_lmm" in registry.names():
+    series["titans_lmm"] = lcm_layer(
+        "titans_lmm", _titans_overrides(titans_heads, titans_chunk), titans_lengths)
+  else:
+    series["titans_lmm"] = {"status": "not registered (lcm.registry.names() has no "
+                                      "'titans_lmm')"}
+
+  selected = set(LAYER_PEERS) if peers is True else set(peers or ())
+
+  def missing(dist):
+    if dist not in selected:
+      return {"status": "not timed (peer not selected)"}
+    if not _peer_installed(dist):
+      return {"status": f"not installed ({dist}): pip install -e '.[bench]' or make bench"}
+    return None
+
+  series["mamba2_jax"] = missing("mamba2-jax")
+  if series["mamba2_jax"] is None:
+    def build_mamba2_jax():
+      import mamba2_jax  # pylint: disable=g-import-not-at-top
+      cfg = dict(hidden_size=d_model, state_size=d_state, head_dim=head_dim,
+                 chunk_size=chunk_size, expand=expand, conv_kernel=4, num_hidden_layers=1)
+      module = mamba2_jax.Mamba2Mixer(mamba2_jax.Mamba2Config(**cfg), layer_idx=0,
+                                      rngs=nnx.Rngs(0))
+      info = {"source": f"mamba2_jax {mamba2_jax.__version__}: Mamba2Mixer(Mamba2Config("
+                        f"**config), layer_idx=0)",
+              "config": {**cfg, "n_groups": "1 (fixed by the package)"}}
+      return module, lambda m, x: m(x)[0], info
+    series["mamba2_jax"] = {"kind": "jax", "lengths": list(peer_lengths),
+                            "build": build_mamba2_jax}
+
+  # The matched peer: lcm's head width and memory-MLP shape (titans_lmm's Config when
+  # registered, else the package's defaults: depth 2, expansion 4).
+  ours = (registry.config_fields("titans_lmm") if "titans_lmm" in registry.names() else {})
+  mlp = {"depth": ours.get("depth", 2), "expansion_factor": float(ours.get("expansion", 4.0))}
+  for key, dim_head in (("titans_pytorch", None), ("titans_pytorch_matched",
+                                                   d_model // titans_heads)):
+    series[key] = missing("titans-pytorch")
+    if series[key] is not None:
+      continue
+
+    def build_titans(dim_head=dim_head):
+      import torch  # pylint: disable=g-import-not-at-top
+      import titans_pytorch  # pylint: disable=g-import-not-at-top
+      torch.set_num_threads(cpu_threads())
+      torch.manual_seed(0)
+      kw = dict(dim=d_model, chunk_size=titans_chunk, heads=titans_heads)
+      if dim_head is not None:
+        kw.update(dim_head=dim_head, default_model_kwargs=dict(mlp))
+      module = titans_pytorch.NeuralMemory(**kw)
+      version = importlib.metadata.version("titans-pytorch")
+      info = {"source": f"titans_pytorch {version} (torch {torch.__version__}): "
+                        f"NeuralMemory(**config); loss = retrieved.sum(); loss.backward()",
+              "config": kw, "torch_threads": torch.get_num_threads()}
+      if dim_head is None:
+        info["note"] = (f"the issue's constructor; dim_head defaults to dim={d_model}, so each "
+                        f"of the {titans_heads} heads has a {d_model}-wide memory MLP")
+      else:
+        info["note"] = (f"matched to lcm's titans_lmm: dim_head = d_model / heads = "
+                        f"{dim_head}, memory MLP depth {mlp['depth']}, expansion "
+                        f"{mlp['expansion_factor']:g}")
+      return module, None, info
+    series[key] = {"kind": "torch", "lengths": list(titans_lengths), "build": build_titans}
+  return series
+
+
+def layer_benchmark(*, batch=1, d_model=256, d_state=64, head_dim=64, expand=2,
+                    chunk_size=256, titans_heads=4, titans_chunk=64,
+                    mamba2_lengths=(4096, 8192, 16384, 32768, 65536), peer_lengths=(4096,),
+                    ssm_lengths=(4096,), titans_lengths=(4096,), peers=True, repeats=3,
+                    max_call_seconds=120.0, max_temp_bytes=8 * 2**30, seed=0,
+                    compiler_options=None, only=None):
+  """fwd+bwd ms / tokens/s / parameter counts of lcm's mamba2, s4d, mamba, titans_lmm and
+  the installed peers, peer-to-lcm speed-ups, mamba2's scaling exponent and the targets.
+
+  Every case is ``grad(sum(y))`` w.r.t. the parameters and ``x ~ N(0, 1)`` ``[batch, T,
+  d_model]`` fp32: jitted and compiled first for JAX (``--what=kernels``'s protocol), the
+  autograd ``backward()`` for torch; then ``repeats`` rounds over all cases interleaved, each
+  timed call right after an untimed call of the same case; ms is the median.
+  ``compiler_options`` go to XLA's ``compile`` (tests pass a fast, unoptimised setting).
+  ``only``: the series keys to time (default all: ``mamba2``, ``s4d``, ``mamba``,
+  ``titans_lmm``, ``mamba2_jax``, ``titans_pytorch``, ``titans_pytorch_matched``).
+  """
+  series = _layer_series(
+      d_model=d_model, d_state=d_state, head_dim=head_dim, expand=expand,
+      chunk_size=chunk_size, titans_heads=titans_heads, titans_chunk=titans_chunk,
+      mamba2_lengths=mamba2_lengths, peer_lengths=peer_lengths, ssm_lengths=ssm_lengths,
+      titans_lengths=titans_lengths, peers=peers)
+  out, cases = {}, {}
+  key = jax.random.PRNGKey(seed)
+  for name, spec in series.items():
+    if only is not None and name not in only and "status" not in spec:
+      spec = {"status": "not timed (not selected)"}
+    if "status" in spec:
+      out[name] = {"status": spec["status"]}
+      continue
+    try:
+      module, call, info = spec["build"]()
+    except Exception as e:  # pylint: disable=broad-except  (a peer's import or API)
+      out[name] = {"status": f"failed to build: {type(e).__name__}: {str(e)[:300]}"}
+      continue
+    points = {}
+    if spec["kind"] == "jax":
+      f, params, n_params = _jax_layer_grad(module, call)
+    else:
+      n_params = int(sum(p.numel() for p in module.parameters()))
+    out[name] = {**info, "params": n_params, "points": points}
+    for t in spec["lengths"]:
+      key, kx = jax.random.split(key)
+      x = jax.random.normal(kx, (batch, t, d_model), jnp.float32)
+      try:
+        if spec["kind"] == "jax":
+          t0 = time.perf_counter()
+          compiled = f.lower(params, x).compile(compiler_options)
+          p = {"compile_s": round(time.perf_counter() - t0, 3)}
+          mem = compiled.memory_analysis()
+          if mem is not None:
+            p["temp_bytes"] = int(mem.temp_size_in_bytes)
+            if mem.temp_size_in_bytes > max_temp_bytes:
+              points[str(t)] = {**p, "skipped": (
+                  f"compiled temporaries {mem.temp_size_in_bytes / 2**30:.1f} GiB > "
+                  f"--layers_max_temp_gib={max_temp_bytes / 2**30:g}")}
+              continue
+          run = (lambda compiled=compiled, params=params, x=x:
+                 jax.block_until_ready(compiled(params, x)))
+        else:
+          import torch  # pylint: disable=g-import-not-at-top
+          xt = torch.from_numpy(np.array(x)).requires_grad_(True)
+
+          def run(module=module, xt=xt):
+            module.zero_grad(set_to_none=True)
+            xt.grad = None
+            y = module(xt)
+            (y[0] if isinstance(y, tuple) else y).sum().backward()
+          p = {}
+        t0 = time.perf_counter()
+        run()  # warm-up
+        first_s = time.perf_counter() - t0
+        if first_s > max_call_seconds:  # too slow for the rounds: one more call, timed
+          t0 = time.perf_counter()
+          run()
+          p.update(ms=(time.perf_counter() - t0) * 1e3, runs=1, note=(
+              f"timed once, right after the warm-up call, which took {first_s:.1f} s > "
+              f"--max_call_seconds={max_call_seconds:g}"))
+      except Exception as e:  # pylint: disable=broad-except  (e.g. out of memory)
+        points[str(t)] = {"skipped": f"failed: {type(e).__name__}: {str(e)[:300]}"}
+        continue
+      points[str(t)] = p
+      if "ms" not in p:
+        cases[(name, t)] = run
+
+  times = {k: [] for k in cases}
+  for _ in range(repeats):  # interleaved: noise hits every case alike
+    for k, run in cases.items():
+      run()  # untimed: the previous case left cold caches (and the other runtime's threads)
+      t0 = time.perf_counter()
+      run()
+      times[k].append((time.perf_counter() - t0) * 1e3)
+  for (name, t), ts in times.items():
+    out[name]["points"][str(t)].update(ms=float(np.median(ts)), min_ms=float(np.min(ts)),
+                                       runs=len(ts))
+
+  def ms(name, t):
+    p = out.get(name, {}).get("points", {}).get(str(t), {})
+    return p.get("ms")
+
+  for name, r in out.items():
+    for t, p in r.get("points", {}).items():
+      if p.get("ms"):
+        p["tokens_per_s"] = batch * int(t) / (p["ms"] * 1e-3)
+    fit = {int(t): p["ms"] for t, p in r.get("points", {}).items() if p.get("ms")}
+    if len(fit) >= 2:
+      r["scaling_exponent"] = {"value": _fit_exponent(fit), "lengths": sorted(fit),
+                               "fit": "least squares of log(ms) vs log(T), fwd+bwd"}
+
+  comparisons = {}
+  for ours, peer in (("mamba2", "mamba2_jax"), ("titans_lmm", "titans_pytorch"),
+                     ("titans_lmm", "titans_pytorch_matched")):
+    if "points" not in out[ours] or "points" not in out[peer]:
+      continue
+    speedup = {t: ms(peer, t) / ms(ours, t) for t in out[peer]["points"]
+               if ms(peer, t) and ms(ours, t)}
+    comparisons[f"{ours} vs {peer}"] = {
+        "params": {ours: out[ours]["params"], peer: out[peer]["params"]},
+        "speedup": speedup, "speedup_is": f"{peer} ms / {ours} ms (> 1: lcm is faster)"}
+
+  issue_config = {"batch": batch, "d_model": d_model, "d_state": d_state,
+                  "head_dim": head_dim, "expand": expand, "chunk_size": chunk_size,
+                  "titans_heads": titans_heads, "titans_chunk": titans_chunk}
+  targets = []
+
+  def target(text, value, threshold, higher_is_better, why_none, fields):
+    off = [k for k in fields if issue_config[k] != _LAYERS_ISSUE_CONFIG[k]]
+    ok = None
+    if value is not None and not off:
+      ok = bool(value >= threshold) if higher_is_better else bool(value <= threshold)
+    tg = {"target": text, "value": value, "threshold": threshold, "pass": ok}
+    if off:
+      tg["note"] = (f"not a target measurement: this run's {', '.join(off)} differ from the "
+                    f"issue's ({', '.join(f'{k}={_LAYERS_ISSUE_CONFIG[k]}' for k in off)})")
+    elif ok is None:
+      tg["note"] = why_none
+    targets.append(tg)
+
+  mamba2_fields = ("batch", "d_model", "d_state", "head_dim", "expand", "chunk_size")
+  titans_fields = ("batch", "d_model", "titans_heads", "titans_chunk")
+
+  tt = str(_LAYERS_TARGET_T)
+  target(f"mamba2: fwd+bwd >= {_MAMBA2_TARGET_SPEEDUP:g}x faster than mamba2-jax "
+         f"Mamba2Mixer at B=1, T={tt}, d_model 256, d_state 64, head_dim 64, expand 2, "
+         f"chunk 256", comparisons.get("mamba2 vs mamba2_jax", {}).get("speedup", {}).get(tt),
+         _MAMBA2_TARGET_SPEEDUP, True,
+         f"not measured (peer not installed, or a T={tt} point skipped)", mamba2_fields)
+  ex = out["mamba2"].get("scaling_exponent", {})
+  lens = ex.get("lengths", [])
+  spans = bool(lens) and lens[0] <= _LAYERS_EXPONENT_SPAN[0] and (
+      lens[-1] >= _LAYERS_EXPONENT_SPAN[1])
+  target(f"mamba2: fwd+bwd scaling exponent <= {_MAMBA2_TARGET_EXPONENT:g} over "
+         f"T={_LAYERS_EXPONENT_SPAN[0]}..{_LAYERS_EXPONENT_SPAN[1]}",
+         ex.get("value") if spans else None, _MAMBA2_TARGET_EXPONENT, False,
+         f"not measured: fit over T={lens} does not span {_LAYERS_EXPONENT_SPAN}",
+         mamba2_fields)
+  target(f"titans_lmm: fwd+bwd >= {_TITANS_TARGET_SPEEDUP:g}x faster than titans-pytorch "
+         f"NeuralMemory(dim=256, chunk_size=64, heads=4) at B=1, T={tt}",
+         comparisons.get("titans_lmm vs titans_pytorch", {}).get("speedup", {}).get(tt),
+         _TITANS_TARGET_SPEEDUP, True,
+         f"not measured (titans_lmm: {out['titans_lmm'].get('status', 'timed')}; "
+         f"titans_pytorch: {out['titans_pytorch'].get('status', 'timed')}; or a T={tt} "
+         f"point skipped)", titans_fields)
+  return {"layers": out, "comparisons": comparisons, "targets": targets,
+          "all_targets_pass": all(tg["pass"] is True for tg in targets)}
+
+
+def _plot_layers(report, path):
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(6.4, 4.4))
+  # a peer is drawn in its lcm counterpart's colour, dashed (dotted: the matched variant)
+  counterpart = {"mamba2_jax": "mamba2", "titans_pytorch": "titans_lmm",
+                 "titans_pytorch_matched": "titans_lmm"}
+  colours = {}
+  for i, name in enumerate(n for n in report["result"]["layers"] if n not in counterpart):
+    colours[name] = f"C{i}"
+  for name, r in report["result"]["layers"].items():
+    pts = sorted((int(t), p["ms"]) for t, p in r.get("points", {}).items() if p.get("ms"))
+    if not pts:
+      continue
+    ex = r.get("scaling_exponent", {}).get("value")
+    peer = name in counterpart
+    label = f"{name} ({'peer' if peer else 'lcm'})" + (
+        f", T^{ex:.2f}" if ex is not None else "")
+    style = ("s:" if name.endswith("matched") else "s--") if peer else "o-"
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label,
+            color=colours.get(counterpart.get(name, name)))
+  ax.set_xscale("log", base=2)
+  ax.set_yscale("log")
+  ax.set_xlabel("sequence length T")
+  ax.set_ylabel("fwd+bwd ms (batch 1)")
+  ax.legend(fontsize=7)
+  ax.set_title(f"d_model {report['d_model']}, fp32, {report['backend']}, "
+               f"{report['threads']} threads", fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def main_layers():
+  ints = lambda v: [int(t) for t in v]
+  load_start = os.getloadavg()[0]  # the machine is shared: say how busy it was
+  result = layer_benchmark(
+      batch=1, d_model=_L_D_MODEL.value, d_state=_L_D_STATE.value, head_dim=_L_HEAD_DIM.value,
+      expand=_L_EXPAND.value, chunk_size=_L_CHUNK.value, titans_heads=_L_TITANS_HEADS.value,
+      titans_chunk=_L_TITANS_CHUNK.value, mamba2_lengths=ints(_L_LENGTHS.value),
+      peer_lengths=ints(_L_PEER_LENGTHS.value), ssm_lengths=ints(_L_SSM_LENGTHS.value),
+      titans_lengths=ints(_L_TITANS_LENGTHS.value), peers=_L_PEERS.value,
+      repeats=_REPEATS.value, max_call_seconds=_MAX_CALL_S.value,
+      max_temp_bytes=int(_L_MAX_TEMP.value * 2**30))
+  report = {"what": "layers", "batch": 1, "d_model": _L_D_MODEL.value, "dtype": "float32",
+            "repeats": _REPEATS.value,
+            "timing": ("ms of grad(sum(y)) w.r.t. the layer's parameters and x ~ N(0,1) "
+                       "[1, T, d_model] (fwd+bwd): JAX jitted, compiled and warmed up first; "
+                       "torch autograd loss.backward(); median (and min) of --repeats rounds "
+                       "over all cases interleaved in one process, each timed call right "
+                       "after an untimed call of the same case"),
+            "backend": jax.default_backend(), "cpu_count": os.cpu_count(),
+            "threads": cpu_threads(),
+            "threads_note": ("XLA:CPU runs its intra-op pool on the schedulable cores; torch "
+                             "is set to the same number (torch.set_num_threads)"),
+            "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "loadavg_1min": {"start": load_start, "end": os.getloadavg()[0]},
+            "result": result}
+  _write(report, lambda path: _plot_layers(report, path))
+
+
 def _plot_kernels(report, path):
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
@@ -431,11 +858,16 @@ def main_kernels():
 
 def main(argv):
   logging.set_verbosity(logging.WARNING)
-  if len(argv) > 2 or (len(argv) == 2 and argv[1] not in ("decode", "kernels")):
-    raise app.UsageError(f"one optional positional argument, decode or kernels; got "
-                         f"{argv[1:]}")
-  if (argv[1] if len(argv) == 2 else _WHAT.value) == "kernels":
+  modes = ("decode", "kernels", "layers")
+  if len(argv) > 2 or (len(argv) == 2 and argv[1] not in modes):
+    raise app.UsageError(f"one optional positional argument, one of {', '.join(modes)}; "
+                         f"got {argv[1:]}")
+  what = argv[1] if len(argv) == 2 else _WHAT.value
+  if what == "kernels":
     main_kernels()
+    return
+  if what == "layers":
+    main_layers()
     return
   contexts = [int(c) for c in _CONTEXTS.value]
   result = decode_benchmark(_MIXERS.value, contexts, d_model=_D_MODEL.value,

@@ -8,6 +8,7 @@ anything is built or compiled and raises one :class:`ConfigError` naming the fie
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -18,7 +19,7 @@ from lcm import registry
 
 DTYPES = ("float32", "bfloat16")
 NAN_POLICIES = ("stop", "skip")
-TASKS = ("mqar", "text")
+TASKS = ("mqar", "passkey", "text")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -59,6 +60,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.b2 = 0.98
   c.train.eps = 1e-8
   c.train.grad_clip = 1.0  # global-norm clipping; 0 disables
+  # Weight of the mixers' auxiliary losses (e.g. MoM's load balance, summed over layers).
+  c.train.aux_loss_weight = 0.01
   # Optimizer overrides per parameter tag (a Param's ``optim_tag`` metadata):
   # tag -> {lr: max learning rate (the schedule is capped at it), weight_decay}.
   c.train.param_groups = ml_collections.ConfigDict({
@@ -93,15 +96,22 @@ def resolve(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
-def _int(c, path: str, *, min_value: int | None = None, allow: tuple = ()) -> int:
+# Sizes, counts and step numbers become int32 shapes, token ids and loop counters.
+MAX_INT = 2**31 - 1
+
+
+def _int(c, path: str, *, min_value: int | None = None, allow: tuple = (),
+         max_value: int = MAX_INT) -> int:
   v = _get(c, path)
-  if v in allow:
-    return v
   if isinstance(v, bool) or not isinstance(v, int):
     raise ConfigError(path, f"must be an integer (got {v!r})")
+  if v in allow:
+    return v
   if min_value is not None and v < min_value:
     extra = f" or one of {allow}" if allow else ""
     raise ConfigError(path, f"must be >= {min_value}{extra} (got {v})")
+  if v > max_value:
+    raise ConfigError(path, f"must be <= {max_value} (got {v})")
   return v
 
 
@@ -119,7 +129,7 @@ def _float(c, path: str, *, lo: float | None = None, hi: float | None = None,
 
 def _choice(c, path: str, allowed) -> Any:
   v = _get(c, path)
-  if v not in allowed:
+  if not isinstance(v, (str, int, float)) or v not in allowed:
     raise ConfigError(path, f"must be one of {', '.join(map(str, allowed))} (got {v!r})")
   return v
 
@@ -162,12 +172,77 @@ def mesh_shape(mesh_cfg, num_devices: int) -> dict[str, int]:
   return axes
 
 
+def _check_known_fields(c: ml_collections.ConfigDict) -> None:
+  """A misspelt field (``train.learning_rate``) would otherwise be ignored silently: every
+  key must be one of :func:`base_config`'s (data may add the text and passkey task fields);
+  ``model.mixers`` and ``train.param_groups`` are free-form and checked on their own."""
+  from lcm.data import text  # pylint: disable=g-import-not-at-top
+  base = base_config()
+  from lcm.data.tasks import passkey  # pylint: disable=g-import-not-at-top
+  extra = {"data": {f.name for f in dataclasses.fields(text.TextConfig)}
+                   | {f.name for f in dataclasses.fields(passkey.PasskeyConfig)}}
+  for key in c.keys():
+    if key not in base:
+      raise ConfigError(key, f"unknown top-level field; allowed: {', '.join(base.keys())}")
+  for section in ("data", "model", "train", "eval", "mesh"):
+    allowed = set(base[section].keys()) | extra.get(section, set())
+    for key in c[section].keys():
+      if key not in allowed:
+        raise ConfigError(f"{section}.{key}", f"unknown field; allowed: "
+                          f"{', '.join(sorted(allowed))}")
+
+
+def _check_override_types(name: str, overrides, prefix: str) -> dict:
+  """Mixer overrides must be a mapping whose values have their default's type (an int for
+  an int field, a number for a float field, ...); the layer's own validate checks ranges."""
+  if not isinstance(overrides, (dict, ml_collections.ConfigDict)):
+    raise ConfigError(prefix.rstrip("."), f"must be a dict of field -> value (got "
+                      f"{overrides!r})")
+  defaults = registry.config_fields(name)
+  for key, value in overrides.items():
+    if key not in defaults:
+      continue  # registry.validate names it
+    d = defaults[key]
+    if d is None or value is None:
+      continue  # optional fields: the layer checks them
+    if isinstance(d, bool):
+      ok = isinstance(value, bool)
+    elif isinstance(d, int):
+      ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(d, float):
+      ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+    elif isinstance(d, str):
+      ok = isinstance(value, str)
+    else:
+      ok = True
+    if not ok:
+      raise ConfigError(f"{prefix}{key}", f"must be a {type(d).__name__}"
+                        f"{' (finite)' if isinstance(d, float) else ''} like its default "
+                        f"{d!r} (got {value!r})")
+  return dict(overrides)
+
+
+def _validate_mixer(name: str, d_model: int, overrides, **kwargs) -> None:
+  """registry.validate, with a layer's complaint about ``d_model`` named ``model.d_model``."""
+  try:
+    registry.validate(name, d_model, overrides, **kwargs)
+  except ConfigError as e:
+    if e.field != "d_model":
+      raise
+    message = str(e)[len("d_model: "):] if str(e).startswith("d_model: ") else str(e)
+    raise ConfigError("model.d_model", f"{message} (mixer '{name}')") from None
+
+
 def validate(c: ml_collections.ConfigDict, *, num_devices: int | None = None) -> None:
   """Checks every field; raises ConfigError(dotted field, allowed values) on the first bad one."""
+  if not isinstance(c, ml_collections.ConfigDict):
+    raise ConfigError("config", f"must be an ml_collections.ConfigDict (got {type(c).__name__})")
   for section in ("data", "model", "train", "eval", "mesh"):
     if not isinstance(c.get(section), ml_collections.ConfigDict):
       raise ConfigError(section, "section is missing")
-  _int(c, "seed", min_value=0)
+  _check_known_fields(c)
+  _int(c, "seed", min_value=0, max_value=2**32 - 1)
 
   # data
   task = _choice(c, "data.task", TASKS)
@@ -183,15 +258,23 @@ def validate(c: ml_collections.ConfigDict, *, num_devices: int | None = None) ->
                     num_kv_pairs=c.data.num_kv_pairs, power_a=c.data.power_a,
                     random_non_queries=c.data.random_non_queries).validate(prefix="data")
 
+  elif task == "passkey":
+    from lcm.data import pipeline  # pylint: disable=g-import-not-at-top
+    _int(c, "data.vocab_size", min_value=1)
+    _int(c, "data.seq_len", min_value=1)
+    pipeline.passkey_config(c.data)
+
   elif task == "text":
     from lcm.data import pipeline, text  # pylint: disable=g-import-not-at-top
+    _int(c, "data.vocab_size", min_value=1)
+    _int(c, "data.seq_len", min_value=2)
     tcfg = pipeline.text_config(c.data)
     tok = text.make_tokenizer(tcfg)
     if c.data.get("vocab_size", 0) < tok.vocab_size:
       raise ConfigError("data.vocab_size", f"must be >= the {tcfg.tokenizer} tokenizer's "
                         f"vocabulary {tok.vocab_size} (got {c.data.get('vocab_size')})")
     valid = text.load_corpus(tcfg, "validation")
-    if c.eval.num_examples > valid.num_rows:
+    if _int(c, "eval.num_examples", min_value=1) > valid.num_rows:
       raise ConfigError("eval.num_examples", f"the validation split has only "
                         f"{valid.num_rows} rows of seq_len={tcfg.seq_len}; use at most that")
     text.load_corpus(tcfg, "train")  # bad paths / empty corpora fail here, before compiling
@@ -204,6 +287,9 @@ def validate(c: ml_collections.ConfigDict, *, num_devices: int | None = None) ->
                       f"must be >= data.vocab_size={c.data.vocab_size} (got {vocab})")
   d_model = _int(c, "model.d_model", min_value=1)
   num_layers = _int(c, "model.num_layers", min_value=1)
+  if not isinstance(_get(c, "model.pattern"), str):
+    raise ConfigError("model.pattern", f"must be a string of comma-separated mixer names "
+                      f"(got {m.pattern!r})")
   names = pattern_names(m)
   if not names:
     raise ConfigError("model.pattern", "must name at least one mixer, e.g. 'attention' or "
@@ -222,17 +308,18 @@ def validate(c: ml_collections.ConfigDict, *, num_devices: int | None = None) ->
   _bool(c, "model.scan_layers")
   _bool(c, "model.tie_embeddings")
   _float(c, "model.norm_eps", lo=0.0, lo_open=True)
-  if not isinstance(m.mixers, ml_collections.ConfigDict):
+  if not isinstance(_get(c, "model.mixers"), ml_collections.ConfigDict):
     raise ConfigError("model.mixers", "must be a ConfigDict of mixer name -> overrides")
   for name, overrides in m.mixers.items():
     if name not in registry.names():
       raise ConfigError(f"model.mixers.{name}", f"unknown mixer; choose from "
                         f"{', '.join(registry.names())}")
-    registry.validate(name, d_model, dict(overrides), prefix=f"model.mixers.{name}.",
+    overrides = _check_override_types(name, overrides, f"model.mixers.{name}.")
+    _validate_mixer(name, d_model, overrides, prefix=f"model.mixers.{name}.",
                       seq_len=c.data.seq_len if name in names else None)
   for name in names:
     if name not in m.mixers:
-      registry.validate(name, d_model, {}, prefix=f"model.mixers.{name}.",
+      _validate_mixer(name, d_model, {}, prefix=f"model.mixers.{name}.",
                         seq_len=c.data.seq_len)
 
   # train
@@ -247,7 +334,13 @@ def validate(c: ml_collections.ConfigDict, *, num_devices: int | None = None) ->
   _float(c, "train.b2", lo=0.0, hi=1.0, hi_open=True)
   _float(c, "train.eps", lo=0.0, lo_open=True)
   _float(c, "train.grad_clip", lo=0.0)
+  _float(c, "train.aux_loss_weight", lo=0.0)
+  if not isinstance(_get(c, "train.param_groups"), ml_collections.ConfigDict):
+    raise ConfigError("train.param_groups", "must be a ConfigDict of tag -> {lr, weight_decay}")
   for tag, group in c.train.param_groups.items():
+    if not isinstance(group, (dict, ml_collections.ConfigDict)):
+      raise ConfigError(f"train.param_groups.{tag}", f"must be a dict with keys lr and/or "
+                        f"weight_decay (got {group!r})")
     for key, value in group.items():
       path = f"train.param_groups.{tag}.{key}"
       if key not in ("lr", "weight_decay"):
@@ -260,7 +353,7 @@ def validate(c: ml_collections.ConfigDict, *, num_devices: int | None = None) ->
   _bool(c, "train.progress")
 
   # eval
-  _int(c, "eval.seed", min_value=0)
+  _int(c, "eval.seed", min_value=0, max_value=2**32 - 1)
   if c.eval.seed == c.seed:
     raise ConfigError("eval.seed", f"must differ from seed={c.seed} so eval is held out")
   n = _int(c, "eval.num_examples", min_value=1)

@@ -9,6 +9,7 @@ The LM has the same three forms as its mixers:
   logits = lm(tokens, segment_ids)             # [B, T] -> [B, T, V] (fp32)
   state = lm.init_state(batch, max_len=...)     # stacked per-group mixer states
   logits, state = lm.step(tokens, state)        # [B, t] -> [B, t, V]
+  logits, aux = lm(tokens, segment_ids, return_aux=True)   # + summed auxiliary losses
 """
 
 from __future__ import annotations
@@ -50,6 +51,15 @@ class Block(nnx.Module):
   def __call__(self, x, segment_ids=None):
     return self._mlp(x + self.mixer(self.norm1(x), segment_ids=segment_ids))
 
+  def call_with_aux(self, x, segment_ids=None):
+    """(block output, the mixer's auxiliary loss): a mixer with an auxiliary loss (e.g. MoM's
+    load balance) defines ``call_with_aux(x, segment_ids) -> (y, aux)``; others give 0."""
+    fn = getattr(self.mixer, "call_with_aux", None)
+    if fn is None:
+      return self(x, segment_ids), jnp.zeros((), jnp.float32)
+    y, aux = fn(self.norm1(x), segment_ids=segment_ids)
+    return self._mlp(x + y), aux.astype(jnp.float32)
+
   def step(self, x, state):
     y, state = self.mixer.step(self.norm1(x), state)
     return self._mlp(x + y), state
@@ -65,6 +75,13 @@ class Group(nnx.Module):
     for b in self.blocks:
       x = b(x, segment_ids)
     return x
+
+  def call_with_aux(self, x, segment_ids=None):
+    aux = jnp.zeros((), jnp.float32)
+    for b in self.blocks:
+      x, a = b.call_with_aux(x, segment_ids)
+      aux = aux + a
+    return x, aux
 
   def init_state(self, batch, dtype, max_len):
     return [b.mixer.init_state(batch, dtype, max_len=max_len) for b in self.blocks]
@@ -87,6 +104,8 @@ class LM(nnx.Module):
     names = [p.strip() for p in str(cfg.pattern).split(",") if p.strip()]
     # Only hashable, static facts are kept (they end up in the graphdef).
     self.pattern = tuple(names)
+    # Some mixer returns an auxiliary loss (``call_with_aux``): the trainer adds and logs it.
+    self.has_aux_loss = any(hasattr(registry.get(n), "call_with_aux") for n in names)
     self.d_model = int(cfg.d_model)
     self.mixer_overrides = tuple(
         (n, tuple(sorted(dict(cfg.mixers[n]).items())) if n in cfg.mixers else ())
@@ -122,20 +141,27 @@ class LM(nnx.Module):
       logits = self.head(x)
     return logits.astype(jnp.float32)
 
-  def __call__(self, tokens, segment_ids=None):
+  def __call__(self, tokens, segment_ids=None, *, return_aux: bool = False):
+    """Logits [B, T, V] (fp32); with ``return_aux`` also the sum over all layers of the
+    mixers' auxiliary losses (``call_with_aux``; 0.0 when no mixer has one)."""
     x = self._embed(tokens)
+    aux = jnp.zeros((), jnp.float32)
     if self.scan_layers:
-      def body(group, h):
-        return group(h, segment_ids)
+      def body(group, carry):
+        h, a = carry
+        h, ga = group.call_with_aux(h, segment_ids)
+        return h, a + ga
       if self.remat:
         body = nnx.remat(body)
-      x = nnx.scan(body, in_axes=(0, nnx.Carry), out_axes=nnx.Carry,
-                   transform_metadata={nnx.PARTITION_NAME: "layers"})(self.groups, x)
+      x, aux = nnx.scan(body, in_axes=(0, nnx.Carry), out_axes=nnx.Carry,
+                        transform_metadata={nnx.PARTITION_NAME: "layers"})(self.groups, (x, aux))
     else:
       for g in self.groups:
-        x = (nnx.remat(lambda gg, h: gg(h, segment_ids)) if self.remat
-             else (lambda gg, h: gg(h, segment_ids)))(g, x)
-    return self._logits(x)
+        fn = lambda gg, h: gg.call_with_aux(h, segment_ids)
+        x, ga = (nnx.remat(fn) if self.remat else fn)(g, x)
+        aux = aux + ga
+    logits = self._logits(x)
+    return (logits, aux) if return_aux else logits
 
   def init_state(self, batch: int, dtype=jnp.float32, *, max_len: int | None = None):
     if self.scan_layers:

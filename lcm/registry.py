@@ -41,6 +41,12 @@ _TABLE: dict[str, tuple[str, str, dict[str, Any]]] = {
     "gated_deltanet": ("layers.linear_attention", "GatedDeltaNet", {}),
     "based": ("layers.linear_attention", "Based", {}),
     "jrt": ("layers.linear_attention", "JRT", {}),
+    "titans_lmm": ("layers.neural_memory", "TitansLMM", {}),
+    "titans_mac": ("layers.neural_memory", "TitansMAC", {}),
+    "titans_mag": ("layers.neural_memory", "TitansMAG", {}),
+    "titans_mal": ("layers.neural_memory", "TitansMAL", {}),
+    "memory_caching": ("layers.memory_mixtures", "MemoryCaching", {}),
+    "mom": ("layers.memory_mixtures", "MoM", {}),
 }
 
 

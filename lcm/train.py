@@ -146,6 +146,12 @@ class Summary:
   num_params: int = 0
   state_size: int = 0
   resumed_from: int | None = None
+  skipped_steps: int = 0  # non-finite steps dropped by nan_policy="skip" (this invocation)
+  bad_checkpoints: list = dataclasses.field(default_factory=list)  # [step, reason] skipped
+
+
+# XLA options for programs that run once (initialisation): compile fast, run slower.
+_FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 class Trainer:
@@ -178,22 +184,30 @@ class Trainer:
 
     def init_params():
       return nnx.to_pure_dict(nnx.state(make_model(), nnx.Param))
-    self._init_params = jax.jit(init_params, out_shardings=self.param_shardings)
+    # Initialisation runs once; optimising its RNG-heavy program buys nothing and costs a
+    # lot: on CPU the full XLA pipeline takes ~10x longer to compile it.
+    self._init_params = jax.jit(init_params, out_shardings=self.param_shardings,
+                                compiler_options=_FAST_COMPILE)
     abs_opt = jax.eval_shape(self.tx.init, nnx.to_pure_dict(abs_params))
     self.opt_shardings = like_params(abs_opt, self.param_shardings, self.replicated)
     self._init_opt = jax.jit(self.tx.init, out_shardings=self.opt_shardings)
 
     graphdef, tx = self.graphdef, self.tx
+    # Mixers' auxiliary losses (MoM's load balance), summed over layers, join the objective
+    # with weight train.aux_loss_weight; the logged "loss" stays the LM loss.
+    has_aux, aux_weight = abstract.has_aux_loss, float(config.train.aux_loss_weight)
 
-    def apply(params, batch):
+    def apply(params, batch, return_aux=False):
       model = nnx.merge(graphdef, params)
-      return model(batch["inputs"], batch.get("segment_ids"))
+      return model(batch["inputs"], batch.get("segment_ids"), return_aux=return_aux)
 
     def train_step(params, opt_state, batch):
       def loss_fn(p):
-        loss, aux = loss_and_metrics(apply(p, batch), batch)
-        return loss, aux
-      (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        logits, aux_loss = apply(p, batch, return_aux=True)
+        loss, aux = loss_and_metrics(logits, batch)
+        aux["aux_loss"] = aux_loss
+        return loss + aux_weight * aux_loss, (loss, aux)
+      (_, (loss, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
       gnorm = optax.tree.norm(grads)
       finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
       updates, new_opt = tx.update(grads, opt_state, params)
@@ -203,6 +217,8 @@ class Trainer:
       new_params, new_opt = keep(new_params, params), keep(new_opt, opt_state)
       metrics = {"loss": loss, "accuracy": aux["correct_sum"] / jnp.maximum(aux["count"], 1),
                  "grad_norm": gnorm, "finite": finite}
+      if has_aux:
+        metrics["aux_loss"] = aux["aux_loss"]
       return new_params, new_opt, metrics
 
     def eval_step(params, batch):
@@ -285,16 +301,21 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> dic
   trainer = Trainer(config, workdir, devices=devices)
   c = trainer.config
   os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-      json.dump(_json_config(c), f, indent=2)
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                keep=c.train.keep_checkpoints,
                                async_save=c.train.async_checkpoint)
-  it = trainer.train_iterator()
-  latest = ckpt.latest_step()
+  # Newest usable step; corrupt / truncated newer ones are reported and moved aside.
+  try:
+    it = trainer.train_iterator()
+    latest, restored, bad_checkpoints = ckpt.restore_latest(trainer.abstract_state(), it)
+  except BaseException:
+    ckpt.close()
+    raise
+  # Only now (the checkpoints, if any, fit this config) may config.json be replaced.
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+      json.dump(_json_config(c), f, indent=2)
   if latest is not None:
-    restored = ckpt.restore(latest, trainer.abstract_state(), it)
     params, opt_state = restored["params"], restored["opt_state"]
     start = int(restored["step"])
   else:
@@ -302,17 +323,28 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> dic
     start = 0
   writer = metrics_lib.MetricsWriter(workdir)
   progress = metrics_lib.Progress(c.train.steps, start, enabled=c.train.progress)
+  for s, why in bad_checkpoints:
+    progress.write(f"WARNING: checkpoint step {s} is unusable ({why}); moved to "
+                   f"{ckpt.directory}/corrupt/")
   if latest is not None:
     progress.write(f"Resumed from step {start} ({ckpt.directory})")
+  data_skipped = {}
+  if c.data.task == "text":  # files the corpus reader skipped, and why: never silent
+    corpus = text_lib.load_corpus(pipeline.text_config(c.data), "train")
+    data_skipped = dict(corpus.skipped)
+    if data_skipped:
+      progress.write(f"data: training on {corpus.num_documents} documents; skipped "
+                     + ", ".join(f"{v} {k}" for k, v in sorted(data_skipped.items())))
   tokens_per_step = c.data.batch_size * c.data.seq_len
   pending: list[tuple[int, dict]] = []
   last_loss = last_acc = None
+  skipped_steps = 0
   t_first = None  # time after the first (compiling) step of this invocation
   eval_metrics = None
 
   def flush():
     """Moves pending step metrics to the host; stops (or reports a skip) on a bad step."""
-    nonlocal last_loss, last_acc, pending
+    nonlocal last_loss, last_acc, pending, skipped_steps
     for s, m in jax.device_get(pending):
       if not bool(m["finite"]):
         msg = (f"non-finite loss or gradient at step {s} (loss={float(m['loss'])}, "
@@ -320,7 +352,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> dic
         if c.train.nan_policy == "stop":
           raise NonFiniteError(f"{msg}; last good checkpoint: step {ckpt.latest_step()}")
         progress.write("skipped: " + msg)
+      skipped_steps += not bool(m["finite"])
       row = {k: float(v) for k, v in m.items() if k != "finite"}
+      row["skipped"] = float(not bool(m["finite"]))
       writer.write(s, row)
       last_loss, last_acc = row["loss"], row["accuracy"]
     pending = []
@@ -365,9 +399,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> dic
       eval_accuracy=eval_metrics["accuracy"], eval_loss=eval_metrics["loss"],
       steps=c.train.steps, tokens_per_second=tps, wall_seconds=time.time() - t_start,
       config=_json_config(c), train_loss=last_loss, num_params=trainer.num_params,
-      state_size=trainer.state_size(), resumed_from=start if latest is not None else None)
+      state_size=trainer.state_size(), resumed_from=start if latest is not None else None,
+      skipped_steps=skipped_steps, bad_checkpoints=[list(b) for b in bad_checkpoints])
   out = dataclasses.asdict(summary)
   out.update({f"eval_{k}": v for k, v in eval_metrics.items() if k not in ("loss", "accuracy")})
+  if data_skipped:
+    out["data_skipped"] = data_skipped
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "loss_by_position.json"), "w", encoding="utf-8") as f:
       json.dump(trainer.last_loss_by_position, f)

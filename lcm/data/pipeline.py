@@ -30,6 +30,7 @@ import numpy as np
 from layers.common import ConfigError
 from lcm.data import text as text_lib
 from lcm.data.tasks.mqar import MQARConfig, mqar_example
+from lcm.data.tasks.passkey import PasskeyConfig, passkey_example
 
 __all__ = [
     "TASKS",
@@ -40,7 +41,7 @@ __all__ = [
     "eval_batches",
 ]
 
-TASKS = ("mqar", "text")
+TASKS = ("mqar", "passkey", "text")
 
 # Effectively infinite: 2**40 examples per process.
 _NUM_EXAMPLES = 2**40
@@ -78,6 +79,13 @@ def _mqar_config(data_cfg: Any) -> MQARConfig:
   return cfg.validate("data")
 
 
+def passkey_config(data_cfg: Any) -> PasskeyConfig:
+  d = PasskeyConfig()
+  return PasskeyConfig(**{
+      f.name: _get(data_cfg, f.name, getattr(d, f.name))
+      for f in dataclasses.fields(PasskeyConfig)}).validate("data")
+
+
 def text_config(data_cfg: Any) -> text_lib.TextConfig:
   d = text_lib.TextConfig()
   return text_lib.TextConfig(**{
@@ -101,6 +109,9 @@ def task_example_fn(data_cfg: Any, split: str = "train") -> Callable[[int, int],
   if task == "mqar":
     kwargs = dataclasses.asdict(_mqar_config(data_cfg))
     return functools.partial(_call_with_seed, functools.partial(mqar_example, **kwargs))
+  if task == "passkey":
+    kwargs = dataclasses.asdict(passkey_config(data_cfg))
+    return functools.partial(_call_with_seed, functools.partial(passkey_example, **kwargs))
   raise ConfigError("data.task", f"unknown task {task!r}; choose one of: {', '.join(TASKS)}")
 
 

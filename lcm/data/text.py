@@ -16,9 +16,12 @@ Training rows are visited in a fresh random order every epoch
 (``np.random.default_rng([seed, epoch]).permutation``), a pure function of
 ``(seed, index)``, so a training iterator resumes exactly.
 
-Bad inputs never crash deep inside grain: unreadable, empty, binary (NUL bytes) or
-non-UTF-8 files are skipped and counted (``Corpus.skipped``); a corpus with no usable
-document raises ``ConfigError("data.path", ...)``.
+Bad inputs never crash deep inside grain: unreadable (broken links, no permission, not a
+regular file: FIFOs and devices are never opened, they could block or never end), empty,
+binary (NUL bytes), truncated (valid UTF-8 cut inside its last character) or otherwise
+non-UTF-8 files are skipped and counted by reason (``Corpus.skipped``; the trainer prints
+the counts and puts them in ``summary.json``); a split with no usable document raises
+``ConfigError("data.path", ...)``, so a run never trains on nothing.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import glob as glob_lib
 import hashlib
 import math
 import os
+import stat
 import sysconfig
 from typing import Callable
 
@@ -57,7 +61,8 @@ class TextConfig:
     if self.tokenizer != "byte" and not self.tokenizer_model:
       raise ConfigError(f("tokenizer_model"), f"is required for tokenizer "
                         f"{self.tokenizer!r} (a model file or encoding name)")
-    if not 0.0 < self.validation_fraction < 1.0:
+    vf = self.validation_fraction
+    if isinstance(vf, bool) or not isinstance(vf, (int, float)) or not 0.0 < vf < 1.0:
       raise ConfigError(f("validation_fraction"),
                         f"must be in (0, 1) (got {self.validation_fraction!r})")
     if not isinstance(self.max_files, int) or self.max_files < 0:
@@ -66,6 +71,10 @@ class TextConfig:
       raise ConfigError(f("seq_len"), f"must be an integer >= 2 (got {self.seq_len!r})")
     if not isinstance(self.path, str) or not self.path:
       raise ConfigError(f("path"), "must name 'stdlib', a directory, a glob or files")
+    if not isinstance(self.pattern, str) or not self.pattern:
+      raise ConfigError(f("pattern"), f"must be a glob such as '**/*.py' (got {self.pattern!r})")
+    if not isinstance(self.tokenizer_model, str):
+      raise ConfigError(f("tokenizer_model"), f"must be a string (got {self.tokenizer_model!r})")
     return self
 
 
@@ -176,6 +185,8 @@ def _read_documents(files: list[str], skipped: dict[str, int]):
           yield f"{f}#{i}", text
       continue
     try:
+      if not stat.S_ISREG(os.stat(f).st_mode):  # FIFO / device / socket: never open it
+        raise OSError(f"{f} is not a regular file")
       with open(f, "rb") as fh:
         data = fh.read()
     except OSError:
@@ -195,8 +206,13 @@ def _decode(data: bytes, skipped: dict[str, int]) -> str | None:
     return None
   try:
     return data.decode("utf-8")
-  except UnicodeDecodeError:
-    skipped["not_utf8"] = skipped.get("not_utf8", 0) + 1
+  except UnicodeDecodeError as e:
+    # Valid UTF-8 (with multi-byte characters, so it is UTF-8 text) cut inside its last
+    # character: a truncated, partially copied file. "caf\xe9" (Latin-1) is not_utf8.
+    truncated = (e.reason == "unexpected end of data" and e.end == len(data)
+                 and max(data[:e.start], default=0) >= 0x80)
+    why = "truncated" if truncated else "not_utf8"
+    skipped[why] = skipped.get(why, 0) + 1
     return None
 
 

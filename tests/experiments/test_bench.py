@@ -1,10 +1,15 @@
-"""experiments.bench: the kernel benchmark's bookkeeping at toy sizes (no timing claims)."""
+"""experiments.bench: the kernel and layer benchmarks' bookkeeping at toy sizes (no timing
+claims)."""
 
 from __future__ import annotations
 
+import jax
 import numpy as np
+import pytest
+from flax import nnx
 
 from experiments import bench
+from lcm import registry
 
 
 def test_fit_exponent_recovers_power_law():
@@ -36,3 +41,89 @@ def test_kernel_benchmark_report_at_toy_sizes():
   speed = [t for t in r["targets"] if "faster than reference" in t["target"]]
   assert len(speed) == 2 and all(t["pass"] is None and "note" in t for t in speed)
   assert r["all_targets_pass"] is False
+
+
+# ------------------------------------------------------------------ --what=layers (toy)
+
+_FAST = {"xla_backend_optimization_level": 0}  # unoptimised CPU compiles: bookkeeping only
+_TOY = dict(batch=1, d_model=32, d_state=8, head_dim=16, expand=2, chunk_size=8,
+            titans_heads=2, titans_chunk=4, repeats=1, compiler_options=_FAST)
+
+
+@pytest.fixture(scope="module")
+def toy_layers():
+  """mamba2 at two lengths, s4d at one and, when it is installed, the mamba2-jax peer; one
+  call shared by the tests below. (mamba and titans_lmm go through the same code path as
+  s4d; they are left out to save their compiles.)"""
+  return bench.layer_benchmark(mamba2_lengths=(16, 32), peer_lengths=(16,),
+                               ssm_lengths=(16,), titans_lengths=(16,),
+                               peers=("mamba2-jax",), only=("mamba2", "s4d", "mamba2_jax"),
+                               **_TOY)
+
+
+def _n_params(name, **overrides):
+  m = registry.create(name, d_model=32, rngs=nnx.Rngs(0), **overrides)
+  return sum(int(np.size(x)) for x in jax.tree.leaves(nnx.state(m, nnx.Param)))
+
+
+def test_layer_benchmark_lcm_layers_at_toy_sizes(toy_layers):
+  r = toy_layers["layers"]
+  m2 = r["mamba2"]
+  assert set(m2["points"]) == {"16", "32"}
+  for t, p in m2["points"].items():
+    assert p["ms"] > 0 and p["runs"] == 1 and p["compile_s"] >= 0
+    assert p["tokens_per_s"] == pytest.approx(int(t) / (p["ms"] * 1e-3))
+  assert m2["config"]["impl"] == "xla" and m2["config"]["chunk_size"] == 8
+  assert m2["params"] == _n_params("mamba2", d_state=8, head_dim=16, expand=2,
+                                   chunk_size=8, impl="xla")
+  assert m2["scaling_exponent"]["lengths"] == [16, 32]
+  assert np.isfinite(m2["scaling_exponent"]["value"])
+  assert set(r["s4d"]["points"]) == {"16"} and r["s4d"]["points"]["16"]["ms"] > 0
+  assert "scaling_exponent" not in r["s4d"]  # one length: no fit
+  assert r["s4d"]["params"] == _n_params("s4d", d_state=8, impl="xla")
+  assert r["mamba"] == {"status": "not timed (not selected)"}
+  if "titans_lmm" in registry.names():
+    assert r["titans_lmm"] == {"status": "not timed (not selected)"}
+  else:
+    assert r["titans_lmm"]["status"].startswith("not registered")
+  assert "points" in r["mamba2_jax"] or r["mamba2_jax"]["status"].startswith("not installed")
+  for peer in ("titans_pytorch", "titans_pytorch_matched"):
+    assert r[peer] == {"status": "not timed (peer not selected)"}
+  assert "titans_lmm vs titans_pytorch" not in toy_layers["comparisons"]
+  # toy sizes are not the issues' configs: every target is reported unmeasured, not passing
+  assert len(toy_layers["targets"]) == 3
+  assert all(t["pass"] is None and "issue's" in t["note"] for t in toy_layers["targets"])
+  assert toy_layers["all_targets_pass"] is False
+
+
+def test_layer_benchmark_mamba2_jax_peer_same_config(toy_layers):
+  pytest.importorskip("mamba2_jax")
+  ours, peer = toy_layers["layers"]["mamba2"], toy_layers["layers"]["mamba2_jax"]
+  assert set(peer["points"]) == {"16"} and peer["points"]["16"]["ms"] > 0
+  # the same architecture at the same config: identical parameter counts
+  assert peer["params"] == ours["params"]
+  c = toy_layers["comparisons"]["mamba2 vs mamba2_jax"]
+  assert set(c["speedup"]) == {"16"}
+  assert c["speedup"]["16"] == pytest.approx(
+      peer["points"]["16"]["ms"] / ours["points"]["16"]["ms"])
+
+
+def test_layer_benchmark_titans_pytorch_peer_threads():
+  pytest.importorskip("titans_pytorch")
+  r = bench.layer_benchmark(titans_lengths=(8,), peers=("titans-pytorch",),
+                            only=("titans_pytorch", "titans_pytorch_matched"), **_TOY)
+  full, matched = r["layers"]["titans_pytorch"], r["layers"]["titans_pytorch_matched"]
+  for p in (full, matched):
+    assert set(p["points"]) == {"8"} and p["points"]["8"]["ms"] > 0
+    assert p["torch_threads"] == bench.cpu_threads()
+  assert "dim_head" not in full["config"] and matched["config"]["dim_head"] == 16
+  assert 0 < matched["params"] < full["params"]  # dim_head defaults to dim: wider heads
+  assert r["layers"]["mamba2"] == {"status": "not timed (not selected)"}
+
+
+def test_titans_overrides_name_heads_and_chunk():
+  if "titans_lmm" not in registry.names():
+    pytest.skip("titans_lmm is not registered")
+  o = bench._titans_overrides(4, 64)  # pylint: disable=protected-access
+  assert sorted(o.values()) == [4, 64]
+  registry.validate("titans_lmm", 256, o)  # the names are titans_lmm.Config fields

@@ -36,6 +36,17 @@ OVERRIDES = {
     "based": {"chunk_size": 4, "num_heads": 2, "feature_dim": 4, "window": 4,
               "window_heads": 2},
     "jrt": {"chunk_size": 4, "num_heads": 2, "feature_dim": 4, "prefix_len": 1},
+    "titans_lmm": {"num_heads": 2, "chunk_size": 4},
+    "titans_mac": {"num_heads": 2, "chunk_size": 2, "segment_len": 4, "num_persistent": 2,
+                   "attn_heads": 2},
+    "titans_mag": {"num_heads": 2, "chunk_size": 4, "window": 4, "num_persistent": 2,
+                   "attn_heads": 2},
+    "titans_mal": {"num_heads": 2, "chunk_size": 4, "window": 4, "num_persistent": 2,
+                   "attn_heads": 2},
+    "memory_caching": {"chunk_size": 4, "num_heads": 2, "segment_len": 3, "max_segments": 2,
+                       "aggregation": "topk", "top_k": 1,
+                       "inner_overrides": (("use_short_conv", True), ("gate_low_rank_dim", 4))},
+    "mom": {"chunk_size": 4, "num_heads": 2, "num_memories": 4, "top_k": 2, "expand_v": 1.0},
 }
 
 

@@ -1,0 +1,491 @@
+"""layers.memory_mixtures (Memory Caching, Mixture-of-Memories) against naive per-token loops.
+
+The naive forms are written from the papers' equations in numpy float64: a python loop over
+tokens with explicit state matrices, a python list of cached segment memories, a softmax /
+top-k over them, the router's top-k per token. They read only the layers' parameters. The
+mixers run jitted in float32 with chunk size 4. The mixer contract (parallel == step,
+packing, state_size, gradients) runs for ``memory_caching`` and ``mom`` in
+test_mixer_contract.py; here step is also checked against the naive loop where the contract
+config does not reach (continuing memories, SSC over a delta-rule memory).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from layers import memory_mixtures as mm
+from layers.common import ConfigError
+from lcm import registry
+
+B, T, D = 2, 10, 8
+# Row 0: one document; row 1: documents of 4 and 6 tokens (a segment cut by the boundary).
+SEG = np.array([[0] * 10, [0] * 4 + [1] * 6], np.int32)
+TOL = 2e-5
+FAST_COMPILE = {"xla_backend_optimization_level": 0}  # ~2x faster CPU compiles
+
+
+@pytest.fixture(scope="module")
+def x():
+  return jax.random.normal(jax.random.key(3), (B, T, D), jnp.float32)
+
+
+# ----------------------------------------------------------------------------------
+# naive helpers (numpy float64)
+# ----------------------------------------------------------------------------------
+
+
+def P(v) -> np.ndarray:
+  return np.asarray(v[...], np.float64)
+
+
+def lin(x, layer) -> np.ndarray:
+  y = np.tensordot(x, P(layer.kernel), axes=(-1, 0))
+  return y + P(layer.bias) if layer.bias is not None else y
+
+
+def silu(v):
+  return v / (1.0 + np.exp(-v))
+
+
+def sigmoid(v):
+  return 1.0 / (1.0 + np.exp(-v))
+
+
+def softplus(v):
+  return np.logaddexp(0.0, v)
+
+
+def rms(v, scale, eps):
+  return v / np.sqrt(np.mean(v * v, -1, keepdims=True) + eps) * scale
+
+
+def l2n(v, eps=1e-6):
+  return v / np.sqrt(np.sum(v * v, -1, keepdims=True) + eps)
+
+
+def softmax(v):
+  e = np.exp(v - np.max(v))
+  return e / e.sum()
+
+
+def starts_and_positions(seg_row):
+  starts = np.array([i == 0 or seg_row[i] != seg_row[i - 1] for i in range(len(seg_row))])
+  pos = np.zeros(len(seg_row), int)
+  for i in range(1, len(seg_row)):
+    pos[i] = 0 if starts[i] else pos[i - 1] + 1
+  return starts, pos
+
+
+def naive_conv(u, kernel, seg_row):
+  """Causal depthwise conv of u [T, C] with taps kernel [K, C], no tap across documents."""
+  k = kernel.shape[0]
+  y = np.zeros_like(u)
+  for t in range(u.shape[0]):
+    for i in range(k):
+      j = t - (k - 1 - i)
+      if j >= 0 and seg_row[j] == seg_row[t]:
+        y[t] += kernel[i] * u[j]
+  return y
+
+
+# ----------------------------------------------------------------------------------
+# Memory Caching
+# ----------------------------------------------------------------------------------
+
+
+def mc_tokens(mc, xr, seg_row):
+  """Per-token inputs of the inner memory from its parameters: (q, k, v, beta, gk, ks),
+  gk the log decay ([T, H, Dk] for GLA, None otherwise). GLA: with its SiLU short
+  convolutions (no bias); DeltaNet: without (plain SiLU)."""
+  m, name = mc.inner, mc.cfg.inner
+  if name == "gla":
+    dk = m.head_dim
+    conv = lambda u, c: silu(naive_conv(u.reshape(len(xr), -1), P(c.kernel), seg_row)
+                             ).reshape(u.shape)
+    q, k, v = lin(xr, m.q), lin(xr, m.k), lin(xr, m.v)
+    if m.conv is not None:
+      q, k, v = conv(q, m.conv.q), conv(k, m.conv.k), conv(v, m.conv.v)
+    q = q * dk ** -0.5
+    logits = lin(lin(xr, m.gk_down), m.gk_up)
+    gk = -softplus(-logits) / m.cfg.gate_logit_normalizer
+    return q, k, v, None, gk, k
+  if name == "deltanet":
+    dk = m.head_dim
+    q = l2n(silu(lin(xr, m.q))) * dk ** -0.5
+    k = l2n(silu(lin(xr, m.k)))
+    return q, k, silu(lin(xr, m.v)), sigmoid(lin(xr, m.b)), None, k
+  assert name == "linear_attention" and m.cfg.feature_map == "elu" and m.cfg.normalize
+  phi = lambda a: np.where(a > 0, a + 1.0, np.exp(a))
+  kr = lin(xr, m.k)
+  v = lin(xr, m.v)
+  v = np.concatenate([v, np.ones(v.shape[:-1] + (1,))], -1)
+  return phi(lin(xr, m.q)), phi(kr), v, None, None, kr
+
+
+def mc_finish(mc, o, xr):
+  """The inner mixer's output stage for one row: o [T, H, Dv] -> [T, D]."""
+  m, name = mc.inner, mc.cfg.inner
+  if name == "linear_attention":
+    o = o[..., :-1] / (o[..., -1:] + m.cfg.eps)
+  elif m.g is not None:
+    o = rms(o, P(m.norm.scale), m.cfg.norm_eps) * silu(lin(xr, m.g))
+  else:
+    o = rms(o, P(m.norm.scale), m.cfg.norm_eps)
+  return np.einsum("thd,hde->te", o, P(m.out))
+
+
+def naive_mc(mc, x, seg, read_cache=True):
+  """Memory Caching, one token at a time: online memory, list of cached segment memories
+  (``read_cache=False``: the online memory only, to show that the cache matters)."""
+  cfg = mc.cfg
+  seg_len, max_seg = cfg.segment_len, cfg.max_segments
+  x = np.asarray(x, np.float64)
+  ys = []
+  for r in range(x.shape[0]):
+    starts, pos = starts_and_positions(seg[r])
+    q, k, v, beta, gk, ks = mc_tokens(mc, x[r], seg[r])
+    u = lin(x[r], mc.gate_q)
+    h, dk, dv = q.shape[1], k.shape[2], v.shape[2]
+    o_row = np.zeros((x.shape[1], h, dv))
+    for t in range(x.shape[1]):
+      if starts[t]:
+        S, cache = np.zeros((h, dk, dv)), []
+      if pos[t] % seg_len == 0:
+        ksum = np.zeros((h, ks.shape[2]))
+        if cfg.segment_reset:
+          S = np.zeros((h, dk, dv))
+      for i in range(h):  # the inner recurrence
+        if beta is not None:  # delta rule
+          S[i] = S[i] + beta[t, i] * np.outer(k[t, i], v[t, i] - S[i].T @ k[t, i])
+        else:
+          if gk is not None:
+            S[i] = np.exp(gk[t, i])[:, None] * S[i]
+          S[i] = S[i] + np.outer(k[t, i], v[t, i])
+      ksum = ksum + ks[t]
+      s_now = pos[t] // seg_len
+      avail = [c for c in cache if s_now - max_seg <= c[0] < s_now]
+      for i in range(h):
+        o = S[i].T @ q[t, i]
+        if avail and read_cache:
+          scores = np.array([u[t, i] @ c[2][i] for c in avail]) / math.sqrt(ks.shape[2])
+          chosen = list(range(len(avail)))
+          if cfg.aggregation == "topk":
+            chosen = list(np.argsort(-scores, kind="stable")[:cfg.top_k])
+          w = softmax(scores[chosen])
+          for wj, j in zip(w, chosen):
+            o = o + wj * (avail[j][1][i].T @ q[t, i])
+        o_row[t, i] = o
+      if pos[t] % seg_len == seg_len - 1:
+        cache.append((s_now, S.copy(), ksum / seg_len))
+    ys.append(mc_finish(mc, o_row, x[r]))
+  return np.stack(ys)
+
+
+MC_CASES = {
+    # GRM over GLA (key-wise decay, short convolutions), fresh memory per segment.
+    "gla_gated": dict(inner="gla", aggregation="gated", segment_len=3, max_segments=2,
+                      inner_overrides=(("gate_low_rank_dim", 4), ("use_short_conv", True))),
+    # SSC over DeltaNet, the memory running on across segments (checkpoints).
+    "deltanet_topk_running": dict(inner="deltanet", aggregation="topk", top_k=1,
+                                  segment_len=2, max_segments=3, segment_reset=False,
+                                  inner_overrides=(("use_short_conv", False),)),
+    # Normalised linear attention: numerators and denominators aggregated alike.
+    "linear_attention_gated": dict(inner="linear_attention", aggregation="gated",
+                                   segment_len=3, max_segments=4,
+                                   inner_overrides=(("feature_map", "elu"),)),
+}
+
+
+class Jitted:
+  """One mixer with its parallel form (``fwd``; ``fwd_aux`` -> (y, aux) for MoM) and
+  ``step`` jitted once."""
+
+  def __init__(self, name, **overrides):
+    self.mixer = registry.create(name, d_model=D, rngs=nnx.Rngs(0), num_heads=2, chunk_size=4,
+                                 **overrides)
+    graphdef, state = nnx.split(self.mixer)
+    self.graphdef = graphdef
+    self.params = nnx.to_pure_dict(state)  # plain arrays: easy to modify in tests
+    jit = lambda f: jax.jit(f, compiler_options=FAST_COMPILE)
+    if hasattr(self.mixer, "call_with_aux"):
+      self.fwd_aux = jit(lambda p, x, s: nnx.merge(graphdef, p).call_with_aux(x, segment_ids=s))
+      self.fwd = lambda p, x, s: self.fwd_aux(p, x, s)[0]
+    else:
+      self.fwd = jit(lambda p, x, s: nnx.merge(graphdef, p)(x, segment_ids=s))
+    self.step = jit(lambda p, x, st: nnx.merge(graphdef, p).step(x, st))
+
+  def run_steps(self, x, size, state=None):
+    state = self.mixer.init_state(x.shape[0]) if state is None else state
+    ys = []
+    for i in range(0, x.shape[1], size):
+      y, state = self.step(self.params, x[:, i:i + size], state)
+      ys.append(y)
+    return jnp.concatenate(ys, axis=1), state
+
+
+@pytest.mark.parametrize("case", list(MC_CASES))
+def test_memory_caching_matches_naive_loop(case, x):
+  mc = Jitted("memory_caching", **MC_CASES[case])
+  y = mc.fwd(mc.params, x, jnp.asarray(SEG))
+  ref = naive_mc(mc.mixer, x, SEG)
+  assert float(np.std(ref)) > 1e-2
+  np.testing.assert_allclose(np.asarray(y), ref, atol=TOL, rtol=0)
+  # the cached reads matter: the online memory alone gives something else
+  assert float(np.max(np.abs(ref - naive_mc(mc.mixer, x, SEG, read_cache=False)))) > 1e-3
+  if case == "deltanet_topk_running":  # steps of 5 tokens (segments straddle the calls)
+    y_step, _ = mc.run_steps(x, 5)
+    ref0 = naive_mc(mc.mixer, x, np.zeros_like(SEG))
+    np.testing.assert_allclose(np.asarray(y_step), ref0, atol=TOL, rtol=0)
+
+
+def test_cache_weights_select_top_k_available_segments():
+  scores = jnp.array([[0.5, 3.0, 2.0, 1.0, 9.0],
+                      [0.1, 0.2, 0.3, 0.4, 0.5],
+                      [1.0, 2.0, 3.0, 4.0, 5.0]], jnp.float32)
+  avail = jnp.array([[True, True, True, True, False],  # segment 4 not (yet) readable
+                     [False, False, False, False, False],  # nothing cached yet
+                     [True, False, False, False, False]])  # fewer than top_k available
+  w = np.asarray(mm.cache_weights(scores, avail, 2))
+  e = np.exp(np.array([3.0, 2.0]) - 3.0)
+  np.testing.assert_allclose(w[0], [0, e[0] / e.sum(), e[1] / e.sum(), 0, 0], atol=1e-7)
+  np.testing.assert_array_equal(w[1], np.zeros(5))
+  np.testing.assert_allclose(w[2], [1, 0, 0, 0, 0], atol=1e-7)
+  # gated (GRM): softmax over every available segment
+  g = np.asarray(mm.cache_weights(scores, avail, None))
+  e = np.exp(np.array([0.5, 3.0, 2.0, 1.0]) - 3.0)
+  np.testing.assert_allclose(g[0], np.append(e / e.sum(), 0.0), atol=1e-7)
+  np.testing.assert_array_equal(g[1], np.zeros(5))
+  # gradients stay finite with masked and empty rows
+  grad = jax.grad(lambda s: jnp.sum(mm.cache_weights(s, avail, 2) * jnp.arange(5.0)))(scores)
+  assert bool(jnp.all(jnp.isfinite(grad)))
+
+
+@pytest.mark.parametrize("overrides,field", [
+    ({"inner": "mamba"}, "inner"),
+    ({"segment_len": 0}, "segment_len"),
+    ({"aggregation": "max"}, "aggregation"),
+    ({"top_k": 0}, "top_k"),
+    ({"top_k": 3, "max_segments": 2}, "top_k"),
+    ({"max_segments": 0}, "max_segments"),
+    ({"segment_reset": 1}, "segment_reset"),
+    ({"num_heads": 3}, "num_heads"),
+    ({"chunk_size": 0}, "chunk_size"),
+    ({"impl": "cuda"}, "impl"),
+    ({"inner_overrides": (("bogus", 1),)}, "inner_overrides"),
+    ({"inner_overrides": (("num_heads", 2),)}, "inner_overrides"),
+    ({"inner_overrides": (("gate_low_rank_dim", 0),)}, "inner_overrides"),
+    ({"inner_overrides": 5}, "inner_overrides"),
+])
+def test_memory_caching_config_errors_name_the_field(overrides, field):
+  with pytest.raises(ConfigError) as e:
+    registry.validate("memory_caching", 16, overrides, prefix="model.mixers.memory_caching.")
+  assert e.value.field == f"model.mixers.memory_caching.{field}", str(e.value)
+
+
+# ----------------------------------------------------------------------------------
+# Mixture-of-Memories
+# ----------------------------------------------------------------------------------
+
+
+MOM = dict(num_memories=3, top_k=2, expand_v=1.0)
+
+
+@pytest.fixture(scope="module")
+def mom():
+  return Jitted("mom", **MOM)
+
+
+def naive_mom(layer, x, seg, s0=None):
+  """MoM, one token at a time: router top-k, only selected memories (and the shared one)
+  take the gated delta-rule update, output mixed by the renormalised router weights.
+  Returns (y [B, T, D], final states [B, M, H, Dk, Dv])."""
+  x = np.asarray(x, np.float64)
+  e, k_top, h, dk, dv = (layer.num_memories, layer.cfg.top_k, layer.num_heads,
+                         layer.head_dim, layer.value_dim)
+  m = layer.num_slots
+  a_log, dt_bias = P(layer.A_log), P(layer.dt_bias)
+  ys, finals = [], []
+  for r in range(x.shape[0]):
+    starts, _ = starts_and_positions(seg[r])
+    xr = x[r]
+    q = naive_conv(lin(xr, layer.q).reshape(T, -1), P(layer.conv_q.kernel), seg[r])
+    q = l2n(silu(q).reshape(T, h, dk)) * dk ** -0.5
+    kk = naive_conv(lin(xr, layer.k).reshape(T, -1), P(layer.conv_k.kernel), seg[r])
+    kk = l2n(silu(kk).reshape(T, m, h, dk))
+    vv = naive_conv(lin(xr, layer.v).reshape(T, -1), P(layer.conv_v.kernel), seg[r])
+    vv = silu(vv).reshape(T, m, h, dv)
+    beta = sigmoid(lin(xr, layer.b))  # [T, M, H]
+    decay = np.exp(-np.exp(a_log) * softplus(lin(xr, layer.a) + dt_bias))
+    S = np.zeros((m, h, dk, dv)) if s0 is None else np.array(s0[r], np.float64)
+    o_row = np.zeros((T, h, dv))
+    for t in range(T):
+      if starts[t] and (t > 0 or s0 is None):
+        S = np.zeros((m, h, dk, dv))
+      p = softmax(lin(xr[t], layer.router))
+      top = list(np.argsort(-p, kind="stable")[:k_top])
+      w = {j: p[j] / sum(p[i] for i in top) for j in top}
+      if layer.cfg.shared_memory:
+        w[e] = 1.0
+      for j in w:  # routed memories and the shared one; the others keep their state
+        for i in range(h):
+          a = decay[t, j, i]
+          err = vv[t, j, i] - a * S[j, i].T @ kk[t, j, i]
+          S[j, i] = a * S[j, i] + beta[t, j, i] * np.outer(kk[t, j, i], err)
+          o_row[t, i] += w[j] * (S[j, i].T @ q[t, i])
+    o_row = rms(o_row, P(layer.norm.scale), layer.cfg.norm_eps) * silu(lin(xr, layer.g))
+    ys.append(np.einsum("thd,hde->te", o_row, P(layer.out)))
+    finals.append(S)
+  return np.stack(ys), np.stack(finals)
+
+
+def test_mom_matches_naive_loop(mom, x):
+  y = mom.fwd(mom.params, x, jnp.asarray(SEG))
+  ref, _ = naive_mom(mom.mixer, x, SEG)
+  assert float(np.std(ref)) > 1e-2
+  np.testing.assert_allclose(np.asarray(y), ref, atol=TOL, rtol=0)
+  # step over the whole row (one document), final state included
+  y_step, state = mom.run_steps(x, T)
+  ref0, s_ref = naive_mom(mom.mixer, x, np.zeros_like(SEG))
+  np.testing.assert_allclose(np.asarray(y_step), ref0, atol=TOL, rtol=0)
+  np.testing.assert_allclose(np.asarray(state["S"]), s_ref, atol=TOL, rtol=0)
+
+
+def test_mom_memory_never_routed_keeps_its_state(mom):
+  """Router logits of memory 2 are always below the others' (x > 0): no token selects it,
+  so its state passes through every token unchanged, and its projections do not matter."""
+  layer = mom.mixer
+  xp = jnp.abs(jax.random.normal(jax.random.key(4), (B, T, D), jnp.float32)) + 0.1
+  params = jax.tree.map(lambda a: a, mom.params)  # a copy
+  router = np.ones((D, layer.num_memories), np.float32)
+  router[:, 2] = -1.0
+  params["router"]["kernel"] = jnp.asarray(router)
+  _, selected, _ = layer_with(mom, params).route(xp)
+  assert not bool(jnp.any(selected[..., 2])) and bool(jnp.all(selected[..., :2]))
+  s0 = jax.random.normal(jax.random.key(5), layer.init_state(B)["S"].shape, jnp.float32)
+  state = dict(layer.init_state(B), S=s0)
+  y, new = mom.step(params, xp, state)
+  np.testing.assert_array_equal(np.asarray(new["S"][:, 2]), np.asarray(s0[:, 2]))
+  for j in (0, 1, 3):  # the routed memories and the shared one moved
+    assert float(jnp.max(jnp.abs(new["S"][:, j] - s0[:, j]))) > 1e-3
+  ref, s_ref = naive_mom(layer_with(mom, params), xp, np.zeros_like(SEG), s0=np.asarray(s0))
+  np.testing.assert_allclose(np.asarray(y), ref, atol=TOL, rtol=0)
+  np.testing.assert_allclose(np.asarray(new["S"]), s_ref, atol=TOL, rtol=0)
+  # Memory 2's key / value projections do not reach the output.
+  params2 = jax.tree.map(lambda a: a, params)
+  for name in ("k", "v"):
+    w = np.asarray(params[name]["kernel"]).copy()
+    w[:, 2] = 7.0 * np.random.default_rng(0).standard_normal(w[:, 2].shape)
+    params2[name]["kernel"] = jnp.asarray(w)
+  y2, _ = mom.step(params2, xp, state)
+  np.testing.assert_allclose(np.asarray(y2), np.asarray(y), atol=1e-6, rtol=0)
+
+
+def layer_with(jitted, params):
+  return nnx.merge(jitted.graphdef, params)
+
+
+def test_load_balance_loss_values():
+  e = 4
+  # perfectly balanced: every memory gets the same share and the same mean probability
+  probs = jnp.full((8, e), 1.0 / e)
+  sel = jnp.array([[1, 1, 0, 0], [0, 0, 1, 1]] * 4, bool)
+  np.testing.assert_allclose(float(mm.load_balance_loss(probs, sel)), 1.0, rtol=1e-6)
+  # collapsed: one memory takes everything with probability 1 -> E
+  probs = jnp.zeros((8, e)).at[:, 0].set(1.0)
+  sel = jnp.zeros((8, e), bool).at[:, 0].set(True)
+  np.testing.assert_allclose(float(mm.load_balance_loss(probs, sel)), float(e), rtol=1e-6)
+
+
+def test_mom_aux_loss_is_the_routers_load_balance(mom, x):
+  """call_with_aux returns E * sum_e f_e P_e of this layer's routing, differentiable in the
+  router (computed here from the layer's own ``route``)."""
+  _, aux = mom.fwd_aux(mom.params, x, jnp.asarray(SEG))
+  probs, selected, weights = mom.mixer.route(x)
+  assert bool(jnp.all(jnp.sum(selected, -1) == mom.mixer.cfg.top_k))
+  np.testing.assert_allclose(np.asarray(jnp.sum(weights, -1)), 1.0, rtol=1e-6)
+  f = np.asarray(selected, np.float64).reshape(-1, 3).mean(0) / mom.mixer.cfg.top_k
+  p = np.asarray(probs, np.float64).reshape(-1, 3).mean(0)
+  np.testing.assert_allclose(float(aux), 3 * np.sum(f * p), rtol=1e-5)
+
+  def from_router(p):
+    pr, sel, _ = nnx.merge(mom.graphdef, p).route(x)
+    return mm.load_balance_loss(pr, sel)
+
+  grad = jax.grad(from_router)(mom.params)
+  assert float(jnp.max(jnp.abs(grad["router"]["kernel"]))) > 0
+
+
+@pytest.mark.parametrize("overrides,field", [
+    ({"num_memories": 0}, "num_memories"),
+    ({"top_k": 0}, "top_k"),
+    ({"top_k": 5}, "top_k"),
+    ({"shared_memory": "yes"}, "shared_memory"),
+    ({"num_heads": 3}, "num_heads"),
+    ({"head_dim": 0}, "head_dim"),
+    ({"expand_v": 0.3}, "expand_v"),
+    ({"use_gate": 1}, "use_gate"),
+    ({"use_short_conv": None}, "use_short_conv"),
+    ({"conv_size": 0}, "conv_size"),
+    ({"conv_bias": "no"}, "conv_bias"),
+    ({"norm_eps": 0.0}, "norm_eps"),
+    ({"A_init_max": -1.0}, "A_init_max"),
+    ({"dt_min": 0.0}, "dt_min"),
+    ({"dt_max": 1e-4}, "dt_max"),
+    ({"dt_init_floor": -1.0}, "dt_init_floor"),
+    ({"chunk_size": 0}, "chunk_size"),
+    ({"impl": "cuda"}, "impl"),
+])
+def test_mom_config_errors_name_the_field(overrides, field):
+  with pytest.raises(ConfigError) as e:
+    registry.validate("mom", 16, overrides, prefix="model.mixers.mom.")
+  assert e.value.field == f"model.mixers.mom.{field}", str(e.value)
+
+
+# ----------------------------------------------------------------------------------
+# The load-balance loss reaches the trainer
+# ----------------------------------------------------------------------------------
+
+
+def test_trainer_adds_and_logs_the_aux_loss():
+  from configs import mqar  # pylint: disable=g-import-not-at-top
+  from lcm import config as config_lib  # pylint: disable=g-import-not-at-top
+  from lcm import train  # pylint: disable=g-import-not-at-top
+  c = mqar.get_config("mom")
+  for key, value in {
+      "data.vocab_size": 64, "data.seq_len": 16, "data.num_kv_pairs": 2,
+      "data.batch_size": 4, "model.d_model": 16, "model.num_layers": 2, "train.steps": 2,
+      "train.warmup_steps": 1, "train.progress": False, "eval.num_examples": 4,
+      "eval.batch_size": 4, "mesh.data": 1, "train.aux_loss_weight": 1000.0,
+      "model.remat": False, "model.mlp_ratio": 0.0}.items():
+    sec, name = key.split(".")
+    c[sec][name] = value
+  c.model.mixers.mom = {"num_heads": 2, "num_memories": 3, "top_k": 2, "expand_v": 1.0,
+                        "chunk_size": 16, "use_short_conv": False, "use_gate": False}
+  trainer = train.Trainer(c, devices=jax.devices()[:1])
+  params, opt = trainer.init_state()
+  it = trainer.train_iterator()
+  batch = trainer.global_batch(next(it))
+  rows = []
+  for _ in range(2):
+    params, opt, m = trainer.train_step(params, opt, batch)
+    rows.append({k: float(v) for k, v in m.items()})
+    batch = trainer.global_batch(next(it))
+  # the sum over the two MoM layers, each about 1 near balance and at most num_memories
+  assert all(1.0 < r["aux_loss"] < 6.0 for r in rows), rows
+  assert all(np.isfinite(r["loss"]) and r["finite"] for r in rows), rows
+  # The aux term is in the objective: with weight 0 this first step's gradient norm is 4.0
+  # (measured), with weight 1000 the load-balance gradient dominates it (48.8); the logged
+  # "loss" is the LM loss alone (4.79 at either weight).
+  assert rows[0]["grad_norm"] > 20.0, rows
+  assert 4.0 < rows[0]["loss"] < 6.0, rows
+  # a negative weight is refused, naming the field
+  c.train.aux_loss_weight = -1.0
+  with pytest.raises(ConfigError) as e:
+    config_lib.validate(c)
+  assert e.value.field == "train.aux_loss_weight"
