@@ -45,17 +45,22 @@ from flax import nnx
 
 from lcm import registry
 
-_T = flags.DEFINE_integer("T", 65536, "Sequence length.")
-_D = flags.DEFINE_integer("d_model", 32, "Model width.")
-_WINDOW = flags.DEFINE_integer("window", 4096, "Tokens in the first / last error windows.")
-_STEP_CHUNK = flags.DEFINE_integer("step_chunk", 8192, "Tokens per step() call.")
-_TOL = flags.DEFINE_float("tol", 5e-2, "Relative-error tolerance.")
-_STRESS = flags.DEFINE_float("stress_scale", 30.0, "Input scale of the stress run.")
-_MAX_TEMP = flags.DEFINE_float("max_temp_gib", 4.0, "Largest compiled temporaries to run.")
-_MIXERS = flags.DEFINE_list("mixers", [], "Mixers (default: every recurrent one).")
-_OUT = flags.DEFINE_string("out", "results/numerics_bf16.json", "Output JSON.")
-_UPDATE = flags.DEFINE_bool("update", False, "Keep the other mixers' rows of an existing "
-                            "--out and replace only those measured now (with --mixers).")
+def _define_flags() -> None:
+  """Flags are defined only when run as a program: tests import compare() next to other
+  experiment modules whose flags share names (--d_model, --mixers, --out)."""
+  global _T, _D, _WINDOW, _STEP_CHUNK, _TOL, _STRESS, _MAX_TEMP, _MIXERS, _OUT, _UPDATE
+  _T = flags.DEFINE_integer("T", 65536, "Sequence length.")
+  _D = flags.DEFINE_integer("d_model", 32, "Model width.")
+  _WINDOW = flags.DEFINE_integer("window", 4096, "Tokens in the first / last error windows.")
+  _STEP_CHUNK = flags.DEFINE_integer("step_chunk", 8192, "Tokens per step() call.")
+  _TOL = flags.DEFINE_float("tol", 5e-2, "Relative-error tolerance.")
+  _STRESS = flags.DEFINE_float("stress_scale", 30.0, "Input scale of the stress run.")
+  _MAX_TEMP = flags.DEFINE_float("max_temp_gib", 4.0, "Largest compiled temporaries to run.")
+  _MIXERS = flags.DEFINE_list("mixers", [], "Mixers (default: every recurrent one).")
+  _OUT = flags.DEFINE_string("out", "results/numerics_bf16.json", "Output JSON.")
+  _UPDATE = flags.DEFINE_bool("update", False, "Keep the other mixers' rows of an existing "
+                              "--out and replace only those measured now (with --mixers).")
+
 
 SOFTMAX_ONLY = ("attention", "swa")
 # Registry defaults, except where d_model = 32 needs a smaller head (mamba2: 64 -> 16).
@@ -240,4 +245,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

@@ -409,6 +409,8 @@ def _real_field(field, c, ops):
   """A path of the config, a path the test touched, a section, or a mixer's Config field."""
   if field in ("config", "mesh") or field in SECTIONS or _exists(c, field):
     return True
+  if _exists(config_lib.base_config(), field):  # a field the ops deleted or replaced
+    return True
   if any(path == field or path.startswith(field + ".") for _, path, _ in ops):
     return True
   parts = field.split(".")
