@@ -122,8 +122,7 @@ def test_layer_benchmark_titans_pytorch_peer_threads():
 
 
 def test_titans_overrides_name_heads_and_chunk():
-  if "titans_lmm" not in registry.names():
-    pytest.skip("titans_lmm is not registered")
+  assert "titans_lmm" in registry.names()
   o = bench._titans_overrides(4, 64)  # pylint: disable=protected-access
   assert sorted(o.values()) == [4, 64]
   registry.validate("titans_lmm", 256, o)  # the names are titans_lmm.Config fields

@@ -15,13 +15,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import pytest
 from flax import nnx
+from sklearn import datasets as sklearn_datasets  # dev extra: the bundled digits, no download
 
 from layers.common import Linear, RMSNorm
 from layers.ssm import S4D, S4DConfig
 
-sklearn_datasets = pytest.importorskip("sklearn.datasets")
 
 D, EPOCHS, BATCH = 64, 15, 64
 
