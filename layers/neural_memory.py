@@ -76,16 +76,31 @@ Initialisation (lcm's choices where the references leave them open): memory weig
 Xavier-uniform per head (as titans-pytorch; they are learned "slow" parameters and every
 document starts from them); gate projections LeCun-normal with biases
 ``theta_bias_init`` / ``eta_bias_init`` / ``alpha_bias_init`` (default 0, 0, -6: a half-max
-inner step, momentum 0.5, forgetting ~0.25% per token; ``max_lr`` 1 as titans-pytorch).
+inner step, momentum 0.5, forgetting ~0.25% per token; ``max_lr`` 0.25, see Stability).
 Output: per-head RMSNorm times ``silu(x W_g)`` (``output_gate``), then the output projection.
 
 Stability. A chunk applies C gradients taken at one point; for the linear part of the memory
-the chunk multiplies the memory by about ``I - (2 theta / Dh) sum_s k_s k_s^T / (1 - eta)``,
-so keep ``max_lr * C / (Dh (1 - eta))`` of order one or below. Measured (T = 1024, Dh = 32,
-C = 16, depth 2): the plain squared norm with max_lr 0.5 diverged within 64 tokens; the
-defaults stay finite; max_lr 8 with eta ~ 0.85 diverged. Strong forgetting (alpha ~ 2.6%
-per token) decays the deep memory towards W = 0, where its gradient vanishes (both layers
-small), hence the mild default forgetting.
+the chunk multiplies the memory by about ``I - (2 theta / Dh) sum_s a_s a_s^T`` (a_s: the
+layer's inputs; momentum adds a factor up to ``1 / (1 - eta)`` on slow modes), so with
+aligned keys the step is ``~ theta C |a|^2 / Dh``; above ~2 the inner descent overshoots
+and the memory grows geometrically. Two defaults keep it bounded (both lcm's choices):
+
+* ``max_lr`` 0.25 (titans-pytorch: 1). Measured at d_model 32, 4 heads (Dh 8), C 16, on
+  ``x ~ N(0, 1)``: with max_lr 1 titans_mac went NaN after ~1000 tokens (fp32), titans_lmm
+  after 112 tokens of 30x inputs, the bf16 run drifted 29% from fp32 over 65k tokens, and
+  passkey training (configs/passkey.py:titans_mac) went NaN at step 8; with 0.25 all are
+  finite and bf16 stays within 1.5% (``python -m experiments.numerics``).
+* ``max_grad_norm`` 1.0: every token's whole gradient is clipped to that norm (a scalar per
+  token on its deltas, so the chunked form keeps its outer-product structure; titans-pytorch
+  has the same option, off by default). Growth per token is then bounded whatever the outer
+  training does to the gates; with max_lr 1 the clip alone kept the 30x-input run finite.
+  Typical per-token gradient norms at init are 0.3 - 2 (Dh 4 - 8), so it binds on outliers.
+
+Normalising the memory's output (titans-pytorch's ``x + LayerNorm(MLP(x))``, tried as an
+RMSNorm) made it worse here: the normalised output makes the step size grow as the weights
+shrink, and fp32 vs bf16 (and step vs parallel) runs decorrelated (35% apart at 65k). Strong
+forgetting (alpha ~ 2.6% per token) decays the deep memory towards W = 0, where its gradient
+vanishes (both layers small), hence the mild default forgetting.
 
 Architectures (the paper's Section 4)
 --------------------------------------
@@ -180,6 +195,7 @@ class MemoryMLP:
   depth: int = 2
   activation: str = "gelu"
   residual: bool = True
+  max_grad_norm: float | None = None
 
   def shapes(self) -> tuple[tuple[int, int], ...]:
     dims = (self.dim,) + (self.hidden,) * (self.depth - 1) + (self.dim,)
@@ -227,6 +243,9 @@ class MemoryMLP:
     input a^{l-1}) and ``[..., N, d_l]`` (``delta^l = dl/dz_l``):
     ``delta^L = (2 / dim) (M(W,k) - v)``,
     ``delta^l = (delta^{l+1} W^{l+1 T}) * act'(z_l)``.
+    With ``max_grad_norm`` tau, every token's whole gradient is clipped to norm <= tau
+    (all its deltas times ``tau / max(tau, ||grad||)``, ``||grad||^2 = sum_l ||a^l||^2
+    ||delta^l||^2``: a rank-1 gradient's Frobenius norm is the product of the factors').
     """
     inputs, zs = [], []
     a = k
@@ -241,7 +260,15 @@ class MemoryMLP:
     for l in range(len(weights) - 2, -1, -1):
       d = jnp.einsum("...no,...io->...ni", d, weights[l + 1]) * self.act_grad(zs[l])
       deltas.append(d)
-    return tuple(inputs), tuple(deltas[::-1])
+    deltas = deltas[::-1]
+    if self.max_grad_norm is not None:
+      tau = self.max_grad_norm
+      sq = lambda x: jnp.sum(x * x, axis=-1)
+      n2 = sum(sq(a) * sq(d) for a, d in zip(inputs, deltas))
+      # tau / max(tau, n) as tau * rsqrt(max(n^2, tau^2)): no sqrt (inf slope) at zero.
+      scale = (tau * jax.lax.rsqrt(jnp.maximum(n2, tau * tau)))[..., None]
+      deltas = [d * scale for d in deltas]
+    return tuple(inputs), tuple(deltas)
 
 
 # ----------------------------------------------------------------------------------
@@ -535,6 +562,7 @@ class TitansLMMConfig:
   residual: memory output ``x + MLP(x)``.
   chunk_size: tokens that share one gradient point (C = 1: the exact sequential rule).
   max_lr: theta_t = max_lr * sigmoid(.) (see "Stability" in the module docstring).
+  max_grad_norm: clip each token's memory gradient to this global norm (None: no clip).
   theta_bias_init, eta_bias_init, alpha_bias_init: bias inits of the three gate logits.
   use_short_conv, conv_size: causal depthwise convolution on q, k, v.
   output_gate: per-head RMSNorm * silu(x W_g) before the output projection (else RMSNorm).
@@ -547,7 +575,8 @@ class TitansLMMConfig:
   activation: str = "gelu"
   residual: bool = True
   chunk_size: int = 16
-  max_lr: float = 1.0
+  max_lr: float = 0.25
+  max_grad_norm: float | None = 1.0
   theta_bias_init: float = 0.0
   eta_bias_init: float = 0.0
   alpha_bias_init: float = -6.0
@@ -564,7 +593,8 @@ class TitansLMMConfig:
 
   def memory_mlp(self, d_model: int) -> MemoryMLP:
     return MemoryMLP(dim=self.head_dim(d_model), hidden=self.hidden_dim(d_model),
-                     depth=self.depth, activation=self.activation, residual=self.residual)
+                     depth=self.depth, activation=self.activation, residual=self.residual,
+                     max_grad_norm=self.max_grad_norm)
 
   def validate(self, d_model: int) -> None:
     check(_is_int(d_model) and d_model >= 1, "d_model",
@@ -581,6 +611,8 @@ class TitansLMMConfig:
     _boolean(self.residual, "residual")
     _pos_int(self.chunk_size, "chunk_size")
     _positive(self.max_lr, "max_lr")
+    if self.max_grad_norm is not None:
+      _positive(self.max_grad_norm, "max_grad_norm")
     _finite(self.theta_bias_init, "theta_bias_init")
     _finite(self.eta_bias_init, "eta_bias_init")
     _finite(self.alpha_bias_init, "alpha_bias_init")

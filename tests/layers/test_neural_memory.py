@@ -44,13 +44,22 @@ def _mlp_forward(ws, x, activation, residual):
   return a + x if residual else a
 
 
-def _naive_token_fn(activation, residual):
+def _naive_grad(ws, k, v, activation, residual, max_grad_norm):
+  """The token's gradient by autodiff, clipped to global norm <= max_grad_norm (if given)."""
+  loss = lambda ws: jnp.mean((_mlp_forward(ws, k, activation, residual) - v) ** 2)
+  g = jax.grad(loss)(ws)
+  if max_grad_norm is not None:
+    norm = jnp.sqrt(sum(jnp.sum(gi ** 2) for gi in g))
+    g = tuple(gi * jnp.minimum(1.0, max_grad_norm / norm) for gi in g)
+  return g
+
+
+def _naive_token_fn(activation, residual, max_grad_norm=None):
   """One token for every (batch, head): (w0, m, s, q, k, v, log_keep, log_eta, theta) ->
   (o, m, s); weights [B, H, i, o], vectors [B, H, Dh], gates [B, H]."""
 
   def one(w0, m, s, q, k, v, lk, le, th):
-    loss = lambda ws: jnp.mean((_mlp_forward(ws, k, activation, residual) - v) ** 2)
-    g = jax.grad(loss)(w0)
+    g = _naive_grad(w0, k, v, activation, residual, max_grad_norm)
     s = tuple(jnp.exp(le) * si - th * gi for si, gi in zip(s, g))
     m = tuple(jnp.exp(lk) * mi + si for mi, si in zip(m, s))
     return _mlp_forward(m, q, activation, residual), m, s
@@ -107,14 +116,17 @@ def _recurrence(mlp, chunk, aligned):
   return jit_fast(run)
 
 
-# Spec A: the default memory (depth 2, GELU, residual); spec B: depth 3, SiLU, no residual.
-SPEC_A = nm.MemoryMLP(dim=DH, hidden=6, depth=2, activation="gelu", residual=True)
+# Spec A: the default memory (depth 2, GELU, residual, per-token gradient clipping at a norm
+# that clips about half of the test tokens); spec B: depth 3, SiLU, no residual, no clipping.
+TAU_A = 1.0
+SPEC_A = nm.MemoryMLP(dim=DH, hidden=6, depth=2, activation="gelu", residual=True,
+                      max_grad_norm=TAU_A)
 SPEC_B = nm.MemoryMLP(dim=DH, hidden=5, depth=3, activation="silu", residual=False)
 
 
 @pytest.fixture(scope="module")
 def naive_a():
-  return _naive_token_fn("gelu", True)
+  return _naive_token_fn("gelu", True, TAU_A)
 
 
 @pytest.fixture(scope="module")
@@ -137,6 +149,31 @@ def test_grad_terms_are_the_autodiff_gradient():
   outer, ref = jit_fast(both)(w, kh, vh)
   for a, r in zip(outer, ref):
     _assert_close(a, r)
+
+
+def test_gradient_clipping_is_the_clipped_autodiff_gradient():
+  """SPEC_A's factors give the autodiff gradient scaled to norm <= TAU_A, and the test
+  inputs have tokens on both sides of the threshold (so the chunked tests exercise it)."""
+  w = SPEC_A.init(jax.random.key(0), (H,))
+  _, k, v, *_ = _inputs(jax.random.key(2), 11)
+  kh, vh = k[0].transpose(1, 0, 2), v[0].transpose(1, 0, 2)  # [H, N, Dh]
+
+  def both(w, kh, vh):
+    inputs, deltas = SPEC_A.grad_terms(w, kh, vh)
+    outer = tuple(jnp.einsum("hni,hno->nhio", a, d) for a, d in zip(inputs, deltas))
+    one = lambda kk, vv, clip: jax.vmap(lambda wh, kt, vt: _naive_grad(
+        wh, kt, vt, "gelu", True, clip))(w, kk, vv)
+    clipped = jax.vmap(lambda kk, vv: one(kk, vv, TAU_A), in_axes=1)(kh, vh)
+    raw = jax.vmap(lambda kk, vv: one(kk, vv, None), in_axes=1)(kh, vh)
+    return outer, clipped, raw
+
+  outer, clipped, raw = jit_fast(both)(w, kh, vh)
+  for a, r in zip(outer, clipped):
+    _assert_close(a, r)
+  norms = np.sqrt(sum(np.sum(np.asarray(g) ** 2, axis=(-2, -1)) for g in raw))  # [N, H]
+  clipped_norms = np.sqrt(sum(np.sum(np.asarray(g) ** 2, axis=(-2, -1)) for g in outer))
+  np.testing.assert_allclose(clipped_norms, np.minimum(norms, TAU_A), rtol=1e-5)
+  assert 0.2 < np.mean(norms > TAU_A) < 0.8, norms
 
 
 @pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "doc_pos"])
