@@ -19,7 +19,8 @@ from lcm import registry
 
 DTYPES = ("float32", "bfloat16")
 NAN_POLICIES = ("stop", "skip")
-TASKS = ("mqar", "passkey", "text")
+TASKS = ("mqar", "passkey", "text", "joint_recall", "set_disjointness", "selective_copy",
+         "sequence_order", "phonebook")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -174,13 +175,15 @@ def mesh_shape(mesh_cfg, num_devices: int) -> dict[str, int]:
 
 def _check_known_fields(c: ml_collections.ConfigDict) -> None:
   """A misspelt field (``train.learning_rate``) would otherwise be ignored silently: every
-  key must be one of :func:`base_config`'s (data may add the text and passkey task fields);
+  key must be one of :func:`base_config`'s (data may add any task's fields);
   ``model.mixers`` and ``train.param_groups`` are free-form and checked on their own."""
   from lcm.data import text  # pylint: disable=g-import-not-at-top
   base = base_config()
-  from lcm.data.tasks import passkey  # pylint: disable=g-import-not-at-top
-  extra = {"data": {f.name for f in dataclasses.fields(text.TextConfig)}
-                   | {f.name for f in dataclasses.fields(passkey.PasskeyConfig)}}
+  from lcm.data import tasks  # pylint: disable=g-import-not-at-top
+  task_configs = (text.TextConfig, tasks.PasskeyConfig, tasks.JointRecallConfig,
+                  tasks.SetDisjointnessConfig, tasks.SelectiveCopyConfig,
+                  tasks.SequenceOrderConfig, tasks.PhonebookConfig)
+  extra = {"data": {f.name for cls in task_configs for f in dataclasses.fields(cls)}}
   for key in c.keys():
     if key not in base:
       raise ConfigError(key, f"unknown top-level field; allowed: {', '.join(base.keys())}")
@@ -263,6 +266,13 @@ def validate(c: ml_collections.ConfigDict, *, num_devices: int | None = None) ->
     _int(c, "data.vocab_size", min_value=1)
     _int(c, "data.seq_len", min_value=1)
     pipeline.passkey_config(c.data)
+
+  elif task in ("joint_recall", "set_disjointness", "selective_copy", "sequence_order",
+                "phonebook"):
+    from lcm.data import pipeline  # pylint: disable=g-import-not-at-top
+    _int(c, "data.vocab_size", min_value=1)
+    _int(c, "data.seq_len", min_value=1)
+    pipeline.SYNTHETIC_TASKS[task][0](c.data)
 
   elif task == "text":
     from lcm.data import pipeline, text  # pylint: disable=g-import-not-at-top

@@ -31,6 +31,11 @@ from layers.common import ConfigError
 from lcm.data import text as text_lib
 from lcm.data.tasks.mqar import MQARConfig, mqar_example
 from lcm.data.tasks.passkey import PasskeyConfig, passkey_example
+from lcm.data.tasks.joint_recall import JointRecallConfig, joint_recall_example
+from lcm.data.tasks.phonebook import PhonebookConfig, phonebook_example
+from lcm.data.tasks.selective_copy import SelectiveCopyConfig, selective_copy_example
+from lcm.data.tasks.sequence_order import SequenceOrderConfig, sequence_order_example
+from lcm.data.tasks.set_disjointness import SetDisjointnessConfig, set_disjointness_example
 
 __all__ = [
     "TASKS",
@@ -41,7 +46,8 @@ __all__ = [
     "eval_batches",
 ]
 
-TASKS = ("mqar", "passkey", "text")
+TASKS = ("mqar", "passkey", "text", "joint_recall", "set_disjointness", "selective_copy",
+         "sequence_order", "phonebook")
 
 # Effectively infinite: 2**40 examples per process.
 _NUM_EXAMPLES = 2**40
@@ -86,6 +92,44 @@ def passkey_config(data_cfg: Any) -> PasskeyConfig:
       for f in dataclasses.fields(PasskeyConfig)}).validate("data")
 
 
+def _task_config(cls, data_cfg: Any):
+  """``cls`` (a task's frozen config dataclass) from ``data_cfg``: missing fields take the
+  dataclass defaults; validated with fields named ``data.<field>``."""
+  d = cls()
+  return cls(**{f.name: _get(data_cfg, f.name, getattr(d, f.name))
+                for f in dataclasses.fields(cls)}).validate("data")
+
+
+def joint_recall_config(data_cfg: Any) -> JointRecallConfig:
+  return _task_config(JointRecallConfig, data_cfg)
+
+
+def set_disjointness_config(data_cfg: Any) -> SetDisjointnessConfig:
+  return _task_config(SetDisjointnessConfig, data_cfg)
+
+
+def selective_copy_config(data_cfg: Any) -> SelectiveCopyConfig:
+  return _task_config(SelectiveCopyConfig, data_cfg)
+
+
+def sequence_order_config(data_cfg: Any) -> SequenceOrderConfig:
+  return _task_config(SequenceOrderConfig, data_cfg)
+
+
+def phonebook_config(data_cfg: Any) -> PhonebookConfig:
+  return _task_config(PhonebookConfig, data_cfg)
+
+
+# Synthetic tasks beyond mqar / passkey: name -> (config builder, example function).
+SYNTHETIC_TASKS = {
+    "joint_recall": (joint_recall_config, joint_recall_example),
+    "set_disjointness": (set_disjointness_config, set_disjointness_example),
+    "selective_copy": (selective_copy_config, selective_copy_example),
+    "sequence_order": (sequence_order_config, sequence_order_example),
+    "phonebook": (phonebook_config, phonebook_example),
+}
+
+
 def text_config(data_cfg: Any) -> text_lib.TextConfig:
   d = text_lib.TextConfig()
   return text_lib.TextConfig(**{
@@ -112,6 +156,10 @@ def task_example_fn(data_cfg: Any, split: str = "train") -> Callable[[int, int],
   if task == "passkey":
     kwargs = dataclasses.asdict(passkey_config(data_cfg))
     return functools.partial(_call_with_seed, functools.partial(passkey_example, **kwargs))
+  if task in SYNTHETIC_TASKS:
+    builder, example = SYNTHETIC_TASKS[task]
+    kwargs = dataclasses.asdict(builder(data_cfg))
+    return functools.partial(_call_with_seed, functools.partial(example, **kwargs))
   raise ConfigError("data.task", f"unknown task {task!r}; choose one of: {', '.join(TASKS)}")
 
 

@@ -2,6 +2,19 @@
 
 from lcm.data.tasks.mqar import MQARConfig, mqar_example, query_gap_probs
 from lcm.data.tasks.passkey import PasskeyConfig, passkey_example, passkey_oracle
+from lcm.data.tasks.joint_recall import (JointRecallConfig, joint_recall_example,
+                                         joint_recall_oracle)
+from lcm.data.tasks.phonebook import PhonebookConfig, phonebook_example, phonebook_oracle
+from lcm.data.tasks.selective_copy import (SelectiveCopyConfig, selective_copy_example,
+                                           selective_copy_oracle)
+from lcm.data.tasks.sequence_order import (SequenceOrderConfig, sequence_order_example,
+                                           sequence_order_oracle)
+from lcm.data.tasks.set_disjointness import (SetDisjointnessConfig, set_disjointness_example,
+                                             set_disjointness_oracle)
 
 __all__ = ["MQARConfig", "mqar_example", "query_gap_probs", "PasskeyConfig", "passkey_example",
-           "passkey_oracle"]
+           "passkey_oracle", "JointRecallConfig", "joint_recall_example", "joint_recall_oracle",
+           "PhonebookConfig", "phonebook_example", "phonebook_oracle", "SelectiveCopyConfig",
+           "selective_copy_example", "selective_copy_oracle", "SequenceOrderConfig",
+           "sequence_order_example", "sequence_order_oracle", "SetDisjointnessConfig",
+           "set_disjointness_example", "set_disjointness_oracle"]
