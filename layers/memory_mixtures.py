@@ -1,4 +1,5 @@
-"""Memory mixtures: Memory Caching over a matrix-memory mixer, and Mixture-of-Memories.
+"""Memory mixtures: Memory Caching over a matrix-memory mixer or Titans' neural memory, and
+Mixture-of-Memories.
 
 References (the math and inits; the code is lcm's own):
   * Behrouz, Li, Deng, Zhong, Razaviyayn, Mirrokni 2026, "Memory Caching: RNNs with Growing
@@ -17,7 +18,8 @@ completed segments ``i < s``::
 
     y_t = read(M_t^(s), q_t) + sum_{i in C_t} w_{t,i} read(M^(i), q_t)
 
-``read(M, q) = M^T q`` for a matrix memory ``M [Dk, Dv]``. ``M^(i)`` is the memory at the
+``read(M, q) = M^T q`` for a matrix memory ``M [Dk, Dv]`` (for ``titans_lmm`` the memory
+MLP's forward pass, see below). ``M^(i)`` is the memory at the
 end of segment i. With ``segment_reset=True`` (default) every segment is compressed into its
 own memory, starting from zero (``M_t^(s)`` holds only segment s's tokens; with
 ``segment_len=1`` and linear attention the cached memories are single ``k_i v_i^T`` and MC
@@ -67,9 +69,10 @@ chunk continue from the online state carried in ``state["S"]`` (their earlier to
 it), then they enter the ring buffer.
 
 Supported inner mixers (``inner``): ``linear_attention``, ``gla``, ``deltanet``,
-``gated_deltanet``. The inner mixer is built from its own Config (``num_heads``,
-``chunk_size``, ``impl`` from MC's config, anything else from ``inner_overrides``) and keeps
-its own parameters and inits; an *adapter* splits it into the matrix-memory protocol:
+``gated_deltanet``, ``titans_lmm``. The inner mixer is built from its own Config
+(``num_heads``, ``chunk_size``, ``impl`` from MC's config where its Config has the field,
+anything else from ``inner_overrides``) and keeps its own parameters and inits; an
+*adapter* splits it into the matrix-memory protocol:
 
   ``project(m, x, segment_ids, state) -> (proj, conv_state)``: per-token
       ``q, k, v, beta, log_decay`` (beta / log_decay None where the mixer has none) and
@@ -78,14 +81,37 @@ its own parameters and inits; an *adapter* splits it into the matrix-memory prot
       stream (a kernel from ``kernels/``); a token whose ``k, v, beta, log_decay`` are
       zeroed must leave the state unchanged;
   ``segment_final(m, seg, init) -> final_state``: the memory after a batch of segments;
-  ``read(states [B, C, H, Dk, Dv], q [B, T, H, Dk]) -> [B, T, C, H, Dv]``;
-  ``finish(m, o, x) -> y``: the mixer's output stage.
+  ``read(m, states [B, C, H, Dk, Dv], q [B, T, H, Dk]) -> [B, T, C, H, Dv]``;
+  ``finish(m, o, x) -> y``: the mixer's output stage;
+  ``init_online`` / ``init_cache`` / ``online_size`` / ``cached_size``: the state's
+      pieces and their element counts (``state_size``).
 
-Titans' LMM (``titans_lmm``, layers/neural_memory.py) fits the same protocol once its layer
-exposes these pieces: its state is the memory MLP's weights, ``recur`` its chunked
-gradient-descent update (learning rate 0 for masked tokens), ``read`` the MLP forward pass
-(``recur``, ``segment_final`` and ``read`` are adapter methods precisely so that a
-non-matrix memory can override them). It is not wired up here yet.
+Titans' LMM (``inner="titans_lmm"``, layers/neural_memory.py; adapter ``kind = "mlp"``):
+the memory is the weights ``W`` of its memory MLP (a tuple over layers, per head), the
+online state its recurrence's ``(w0, m, s)`` (gradient point, memory, momentum), a cached
+memory ``M^(i)`` the MLP weights at the end of segment i (``m`` only), and a cached read is
+the MLP forward pass with those weights, ``read(M^(i), q_t) = M(M^(i), q_t)``, aggregated
+with the same weights ``w_{t,i}`` (gate keys: the mean of the segment's LMM keys ``k``,
+after its short convolution, SiLU and L2 norm). The LMM's projections, gates, initial
+weights and output stage (per-head norm, gate, projection) are its own. The protocol
+differs in one place: a token with learning rate 0 is not an identity update of this
+memory (momentum carries on), so segment memories are not replayed from masked tokens;
+instead one ``neural_memory.memory_recurrence`` call gives both the online reads and the
+memory right after every segment's last token (its ``memory_at`` marks; the adapter's
+``recur_cached``), in ``__call__`` and ``step`` alike. Positions passed to it as
+``doc_pos``:
+
+  * ``segment_reset=True``: the position inside the segment, so every segment starts from
+    the learned initial weights with zero momentum and the LMM's chunk grid (gradient
+    points) restarts at every segment start; a chunk_size above L is the same grid as L
+    and is capped to L (at most one segment end per physical chunk).
+  * ``segment_reset=False``: the document position; the LMM runs on uninterrupted (its own
+    chunk grid and document restarts) and the cache holds checkpoints of its memory.
+    ``segment_len`` must then be a multiple of ``chunk_size`` (ConfigError on
+    ``segment_len``): segment ends fall on chunk ends.
+
+Cost on top of the LMM: O(T (T / L)) MLP reads (the reads materialise
+``[B, N, H, T, hidden]`` activations) and a per-chunk extraction of the marked memory.
 
 Mixture-of-Memories (MoM)
 -------------------------
@@ -137,6 +163,7 @@ from kernels.delta_rule import delta_rule
 from layers.common import (ConfigError, GatedRMSNorm, Linear, RMSNorm, ShortConv, check,
                            dense_init, param, segment_positions)
 from layers import linear_attention as la
+from layers import neural_memory as nm
 
 # The adapters reuse linear_attention's private helpers and its layers' internals (same
 # package): the inner mixer keeps its exact projections, inits and output stage.
@@ -228,6 +255,30 @@ class _MatrixMemory:
   def finish(m, o, x):
     raise NotImplementedError
 
+  @classmethod
+  def init_online(cls, m, batch: int, dtype):
+    """The online memory entering a document: ``[B, H, Dk, Dv]`` zeros."""
+    h, dk, dv, _ = cls.dims(m)
+    return jnp.zeros((batch, h, dk, dv), dtype)
+
+  @classmethod
+  def init_cache(cls, m, batch: int, slots: int, dtype):
+    """An empty ring buffer of ``slots`` cached memories: ``[B, slots, H, Dk, Dv]``."""
+    h, dk, dv, _ = cls.dims(m)
+    return jnp.zeros((batch, slots, h, dk, dv), dtype)
+
+  @classmethod
+  def online_size(cls, m, batch: int) -> int:
+    """Elements of the online state (:meth:`init_online`)."""
+    h, dk, dv, _ = cls.dims(m)
+    return batch * h * dk * dv
+
+  @classmethod
+  def cached_size(cls, m, batch: int) -> int:
+    """Elements of one cached memory (per ring-buffer slot)."""
+    h, dk, dv, _ = cls.dims(m)
+    return batch * h * dk * dv
+
   @staticmethod
   def conv_init_state(m, batch: int, dtype) -> dict:
     conv = getattr(m, "conv", None)
@@ -268,8 +319,9 @@ class _MatrixMemory:
     return s0 + jnp.einsum("mlhk,mlhv->mhkv", k, v, precision=jax.lax.Precision.HIGHEST)
 
   @staticmethod
-  def read(states: jax.Array, q: jax.Array) -> jax.Array:
+  def read(m, states: jax.Array, q: jax.Array) -> jax.Array:
     """``S_c^T q_t`` for every token t and cached memory c: [B, T, C, H, Dv] (fp32)."""
+    del m
     return jnp.einsum("bthk,bchkv->btchv", q.astype(jnp.float32),
                       states.astype(jnp.float32))
 
@@ -347,12 +399,96 @@ class _DeltaMemory(_GatedOutputMemory):
     return {"q": q, "k": k, "v": v, "beta": m.beta(x), "ld": m.log_decay(x), "ks": k}, conv_state
 
 
-# inner name -> (layer class, adapter). Add "titans_lmm" here once it has an adapter.
+class _TitansMemory(_MatrixMemory):
+  """layers.neural_memory.TitansLMM: the memory is the weights of its memory MLP (a tuple
+  over layers of ``[B, H, d_in, d_out]``), updated by ``neural_memory.memory_recurrence``
+  (chunked gradient descent with momentum and forgetting) and read as ``M(W, q)``.
+
+  The online state is the recurrence's ``{"w0", "m", "s"}`` (gradient point, memory,
+  momentum); a cached memory is ``m`` alone. The online pass and the cached memories come
+  from one recurrence call (:meth:`recur_cached`): a segment's memory is the online memory
+  right after the segment's last token (``memory_at``), so no masked-token replay is
+  needed (a token with learning rate 0 is not an identity update: momentum carries on).
+  Keys ``k`` (after the short convolution, SiLU and L2 norm) are the gate summaries.
+  """
+
+  kind = "mlp"
+
+  @staticmethod
+  def dims(m):
+    return m.num_heads, m.head_dim, m.head_dim, m.head_dim
+
+  @staticmethod
+  def project(m, x, segment_ids, state):
+    q, k, v, (lk, le, th), conv_state = m.project(x, segment_ids, state)
+    return {"q": q, "k": k, "v": v, "lk": lk, "le": le, "th": th, "ks": k}, conv_state
+
+  @staticmethod
+  def finish(m, o, x):
+    return m.output(o, x)
+
+  @classmethod
+  def init_online(cls, m, batch: int, dtype):
+    w = tuple(jnp.broadcast_to(a, (batch,) + a.shape).astype(dtype)
+              for a in m.initial_weights())
+    return {"w0": w, "m": w, "s": tuple(jnp.zeros_like(a) for a in w)}
+
+  @classmethod
+  def init_cache(cls, m, batch: int, slots: int, dtype):
+    return tuple(jnp.zeros((batch, slots, m.num_heads, i, o), dtype)
+                 for i, o in m.mlp.shapes())
+
+  @classmethod
+  def online_size(cls, m, batch: int) -> int:
+    return 3 * m.memory_size(batch)
+
+  @classmethod
+  def cached_size(cls, m, batch: int) -> int:
+    return m.memory_size(batch)
+
+  @staticmethod
+  def recur_cached(m, proj: dict, state, rpos, marks, ends, chunk_size: int):
+    """The online recurrence and the memories at segment ends, in one pass.
+
+    rpos [B, T]: each token's position since the memory last restarted (its segment's
+    start with ``segment_reset``, else its document's start): the recurrence restarts from
+    the initial weights where it is 0 and its chunk grid is ``rpos % chunk_size == 0``.
+    marks [B, T] bool: segment ends (at most one per physical chunk: chunk_size <= L), or
+    None; ends [B, N]: token indices of the segment ends to return (invalid ones are
+    clipped, their memories meaningless). state: the online state or None (fresh).
+    Returns ``(o [B, T, H, Dh] fp32, final online state, memories)``, the memories a tuple
+    over layers of ``[B, N, H, d_in, d_out]`` fp32 (None without ``marks``).
+    """
+    b, t = proj["q"].shape[:2]
+    mem = None if state is None else (state["w0"], state["m"], state["s"])
+    out = nm.memory_recurrence(m.mlp, m.initial_weights(), proj["q"], proj["k"], proj["v"],
+                               proj["lk"], proj["le"], proj["th"], chunk_size=chunk_size,
+                               state=mem, doc_pos=rpos, memory_at=marks)
+    o, (w0, mm, s) = out[:2]
+    final = {"w0": w0, "m": mm, "s": s}
+    if marks is None:
+      return o, final, None
+    # With doc_pos given, physical chunks are min(chunk_size, T) tokens from token 0.
+    chunk = jnp.clip(ends, 0, t - 1) // min(chunk_size, t)  # [B, N]
+    rows = jnp.arange(b)[:, None]
+    return o, final, tuple(a[chunk, rows] for a in out[2])
+
+  @staticmethod
+  def read(m, states, q: jax.Array) -> jax.Array:
+    """``M(W_c, q_t)`` (the memory MLP with cached weights) for every token t and cached
+    memory c: states a tuple of ``[B, C, H, d_in, d_out]`` -> ``[B, T, C, H, Dh]`` fp32."""
+    qh = jnp.moveaxis(q.astype(jnp.float32), 2, 1)[:, None]  # [B, 1, H, T, Dh]
+    r = m.mlp.apply(tuple(w.astype(jnp.float32) for w in states), qh)  # [B, C, H, T, Dh]
+    return jnp.transpose(r, (0, 3, 1, 2, 4))
+
+
+# inner name -> (layer class, adapter).
 INNER_MIXERS: dict[str, tuple[type, type]] = {
     "linear_attention": (la.LinearAttention, _LinearAttentionMemory),
     "gla": (la.GLA, _GLAMemory),
     "deltanet": (la.DeltaNet, _DeltaMemory),
     "gated_deltanet": (la.GatedDeltaNet, _DeltaMemory),
+    "titans_lmm": (nm.TitansLMM, _TitansMemory),
 }
 
 
@@ -376,9 +512,12 @@ class MemoryCachingConfig:
   top_k: segments read per token with ``aggregation="topk"`` (<= max_segments).
   max_segments: cached memories kept (the oldest is evicted); the decode state holds this
     many ``[H, Dk, Dv]`` memories plus the online one.
-  segment_reset: True: every segment's memory starts from zero (compresses that segment
-    only); False: the memory runs on and the cache holds checkpoints of it.
-  chunk_size, impl: the inner mixer's kernel options.
+  segment_reset: True: every segment's memory starts from zero (titans_lmm: from its
+    learned initial weights, zero momentum; compresses that segment only); False: the
+    memory runs on and the cache holds checkpoints of it (titans_lmm: segment_len must
+    then be a multiple of chunk_size).
+  chunk_size, impl: the inner mixer's kernel options (titans_lmm: chunk_size is its
+    gradient chunk; it has no ``impl``).
   inner_overrides: any other fields of the inner mixer's Config, as (field, value) pairs
     (or a mapping), e.g. ``(("use_short_conv", True),)``.
   """
@@ -432,7 +571,7 @@ class MemoryCachingConfig:
             f"{key!r} is not a field of the {self.inner} Config that memory_caching passes "
             f"on" + (" (set memory_caching's own field instead)" if key in _SHARED_FIELDS
                      else f"; allowed: {', '.join(sorted(fields - set(_SHARED_FIELDS)))}"))
-    kwargs = {f: getattr(self, f) for f in _SHARED_FIELDS}
+    kwargs = {f: getattr(self, f) for f in _SHARED_FIELDS if f in fields}
     try:
       inner_cfg = cls.Config(**{**ov, **kwargs})
       inner_cfg.validate(d_model)
@@ -459,6 +598,12 @@ class MemoryCachingConfig:
           f"must be <= max_segments={self.max_segments} (got {self.top_k})")
     _boolean(self.segment_reset, "segment_reset")
     self.inner_spec(d_model)
+    if self.inner == "titans_lmm" and not self.segment_reset:
+      check(self.segment_len % self.chunk_size == 0, "segment_len",
+            f"must be a multiple of chunk_size={self.chunk_size} with inner='titans_lmm' "
+            f"and segment_reset=False (got {self.segment_len}), so that every segment ends at "
+            "the end of one of the running memory's chunks; change segment_len or "
+            "chunk_size (or use segment_reset=True)")
 
 
 def cache_weights(scores: jax.Array, available: jax.Array, top_k: int | None) -> jax.Array:
@@ -487,7 +632,9 @@ class MemoryCaching(nnx.Module):
   State: ``{"S": [B, H, Dk, Dv] online memory, "cache": [B, M, H, Dk, Dv] cached memories
   (ring buffer, slot = segment number mod M), "ksum": [B, H, Dks] key sum of the current
   segment, "kbar": [B, M, H, Dks] cached key summaries, "pos": int32 tokens seen}`` plus the
-  inner mixer's short-convolution states. ``M = max_segments``.
+  inner mixer's short-convolution states. ``M = max_segments``. With ``titans_lmm``,
+  ``"S"`` is ``{"w0", "m", "s"}`` (tuples over memory layers of ``[B, H, d_in, d_out]``)
+  and ``"cache"`` a tuple over layers of ``[B, M, H, d_in, d_out]``.
   """
 
   Config = MemoryCachingConfig
@@ -516,6 +663,31 @@ class MemoryCaching(nnx.Module):
   def _top_k(self) -> int | None:
     return self.cfg.top_k if self.cfg.aggregation == "topk" else None
 
+  def _lmm_chunk(self) -> int:
+    """titans_lmm's chunk size for the recurrence. With ``segment_reset`` positions restart
+    every L tokens, so a chunk longer than L is the same grid as L (one chunk per segment);
+    capping it keeps at most one segment end per physical chunk."""
+    c = self.inner.cfg.chunk_size
+    return min(c, self.cfg.segment_len) if self.cfg.segment_reset else c
+
+  def _summaries(self, ks, ends, valid, ksum0):
+    """Key summaries ``kbar`` [B, N, H, Dks] fp32 of the segments ending at ``ends`` [B, N]
+    (``valid`` marks real ones): the mean of the segment's L keys ``ks`` [B, T, H, Dks];
+    tokens before this call (index < 0) are in ``ksum0`` [B, H, Dks] (or None)."""
+    b, t = ks.shape[:2]
+    n = ends.shape[1]
+    seg_len = self.cfg.segment_len
+    idx = ends[..., None] - (seg_len - 1) + jnp.arange(seg_len)  # [B, N, L]
+    ok = (idx >= 0) & valid[..., None]
+    flat = jnp.clip(idx, 0, t - 1).reshape(b, n * seg_len)
+    seg = jax.vmap(lambda a, i: a[i])(ks, flat).reshape((b, n, seg_len) + ks.shape[2:])
+    ksum = jnp.sum(jnp.where(ok[..., None, None], seg.astype(jnp.float32), 0.0), axis=2)
+    if ksum0 is not None:
+      first_partial = ends - (seg_len - 1) < 0  # [B, N]: began before this call
+      ksum = ksum + jnp.where(first_partial[..., None, None],
+                              ksum0[:, None].astype(jnp.float32), 0.0)
+    return ksum / seg_len
+
   def _segment_memories(self, proj, ends, valid, s0, ksum0, chain_reset):
     """Memories and key summaries of the segments ending at ``ends`` [B, N] (token indices
     of this call; ``valid`` [B, N] marks real ones, always a prefix of the N slots).
@@ -534,16 +706,13 @@ class MemoryCaching(nnx.Module):
     ok = ((idx >= 0) & valid[..., None]).reshape(b, n * seg_len)
     flat = jnp.clip(idx, 0, t - 1).reshape(b, n * seg_len)
     gather = jax.vmap(lambda a, i: a[i])
-    seg = {k: (None if a is None else gather(a, flat)) for k, a in proj.items() if k != "q"}
+    seg = {k: (None if a is None else gather(a, flat)) for k, a in proj.items()
+           if k not in ("q", "ks")}
     seg = _mask_tokens(seg, ok)
     split = lambda a: None if a is None else a.reshape((b, n, seg_len) + a.shape[2:])
     seg = {k: split(a) for k, a in seg.items()}
     first_partial = ends - (seg_len - 1) < 0  # [B, N]: began before this call
-    ksum = jnp.sum(seg["ks"].astype(jnp.float32), axis=2)
-    if ksum0 is not None:
-      ksum = ksum + jnp.where(first_partial[..., None, None], ksum0[:, None].astype(jnp.float32),
-                              0.0)
-    kbar = ksum / seg_len
+    kbar = self._summaries(proj["ks"], ends, valid, ksum0)
     h, dk, dv = self.num_heads, self.key_dim, self.value_dim
     zeros = jnp.zeros((b, h, dk, dv), jnp.float32)
     s0 = zeros if s0 is None else s0.astype(jnp.float32)
@@ -571,7 +740,7 @@ class MemoryCaching(nnx.Module):
     scores = jnp.einsum("bthd,bchd->bthc", u, kbar.astype(jnp.float32))
     scores = scores * (self.summary_dim ** -0.5)
     w = cache_weights(scores, available[:, :, None, :], self._top_k())  # [B, T, H, C]
-    reads = self.adapter.read(states, q)  # [B, T, C, H, Dv]
+    reads = self.adapter.read(self.inner, states, q)  # [B, T, C, H, Dv]
     return o.astype(jnp.float32) + jnp.einsum("bthc,btchv->bthv", w, reads)
 
   def _finish(self, o, x):
@@ -586,20 +755,28 @@ class MemoryCaching(nnx.Module):
     proj, _ = self.adapter.project(self.inner, x, segment_ids, None)
     pos = segment_positions(segment_ids, b, t)
     starts = la._doc_starts(segment_ids)
-    if self.cfg.segment_reset:
-      reset = pos % seg_len == 0  # includes every document start (pos 0)
-    else:
-      reset = starts
-    o, _ = self.adapter.recur(self.inner, proj, None, reset)
-    n = t // seg_len
-    if n == 0:  # no segment completes inside this sequence
-      return self._finish(o, x)
+    n = t // seg_len  # at most n segments complete inside this sequence
     is_end = pos % seg_len == seg_len - 1
     ends = jnp.argsort(~is_end, axis=1, stable=True)[:, :n].astype(jnp.int32)
     valid = jnp.take_along_axis(is_end, ends, axis=1)
-    seg_start = jnp.clip(ends - (seg_len - 1), 0, t - 1)
-    chain_reset = jnp.take_along_axis(pos, seg_start, axis=1) == 0
-    states, kbar = self._segment_memories(proj, ends, valid, None, None, chain_reset)
+    if self.adapter.kind == "mlp":  # online reads and segment memories in one pass
+      rpos = pos % seg_len if self.cfg.segment_reset else pos
+      o, _, states = self.adapter.recur_cached(self.inner, proj, None, rpos,
+                                               is_end if n else None, ends, self._lmm_chunk())
+      if n == 0:
+        return self._finish(o, x)
+      kbar = self._summaries(proj["ks"], ends, valid, None)
+    else:
+      if self.cfg.segment_reset:
+        reset = pos % seg_len == 0  # includes every document start (pos 0)
+      else:
+        reset = starts
+      o, _ = self.adapter.recur(self.inner, proj, None, reset)
+      if n == 0:  # no segment completes inside this sequence
+        return self._finish(o, x)
+      seg_start = jnp.clip(ends - (seg_len - 1), 0, t - 1)
+      chain_reset = jnp.take_along_axis(pos, seg_start, axis=1) == 0
+      states, kbar = self._segment_memories(proj, ends, valid, None, None, chain_reset)
     doc = (jnp.zeros((b, t), jnp.int32) if starts is None
            else jnp.cumsum(starts.astype(jnp.int32), axis=1))
     num = jnp.take_along_axis(pos, ends, axis=1) // seg_len  # [B, N] segment numbers
@@ -612,10 +789,10 @@ class MemoryCaching(nnx.Module):
 
   def init_state(self, batch: int, dtype=jnp.float32, *, max_len: int | None = None):
     del max_len  # a fixed-size cache of max_segments memories
-    h, dk, dv, dks = self.num_heads, self.key_dim, self.value_dim, self.summary_dim
+    h, dks = self.num_heads, self.summary_dim
     m = self.cfg.max_segments
-    state = {"S": jnp.zeros((batch, h, dk, dv), dtype),
-             "cache": jnp.zeros((batch, m, h, dk, dv), dtype),
+    state = {"S": self.adapter.init_online(self.inner, batch, dtype),
+             "cache": self.adapter.init_cache(self.inner, batch, m, dtype),
              "ksum": jnp.zeros((batch, h, dks), dtype),
              "kbar": jnp.zeros((batch, m, h, dks), dtype),
              "pos": jnp.zeros((), jnp.int32)}
@@ -630,16 +807,23 @@ class MemoryCaching(nnx.Module):
     pos0 = state["pos"]
     proj, conv_state = self.adapter.project(self.inner, x, None, state)
     p = pos0 + jnp.arange(t, dtype=jnp.int32)  # [t]
-    reset = (jnp.broadcast_to(p % seg_len == 0, (b, t)) if self.cfg.segment_reset else None)
-    o, s_new = self.adapter.recur(self.inner, proj, state["S"], reset)
     # Segments completing inside this call: ends every L tokens from the first one.
     n = -(-t // seg_len)
     first_end = (seg_len - 1 - pos0 % seg_len) % seg_len
     ends1 = first_end + seg_len * jnp.arange(n, dtype=jnp.int32)  # [N]
     valid1 = ends1 < t
     ends, valid = (jnp.broadcast_to(a, (b, n)) for a in (ends1, valid1))
-    states, kbar = self._segment_memories(proj, ends, valid, state["S"], state["ksum"],
-                                          jnp.zeros((b, n), bool))
+    if self.adapter.kind == "mlp":
+      rpos = jnp.broadcast_to(p % seg_len if self.cfg.segment_reset else p, (b, t))
+      marks = jnp.broadcast_to(p % seg_len == seg_len - 1, (b, t))
+      o, s_new, states = self.adapter.recur_cached(self.inner, proj, state["S"], rpos, marks,
+                                                   ends, self._lmm_chunk())
+      kbar = self._summaries(proj["ks"], ends, valid, state["ksum"])
+    else:
+      reset = (jnp.broadcast_to(p % seg_len == 0, (b, t)) if self.cfg.segment_reset else None)
+      o, s_new = self.adapter.recur(self.inner, proj, state["S"], reset)
+      states, kbar = self._segment_memories(proj, ends, valid, state["S"], state["ksum"],
+                                            jnp.zeros((b, n), bool))
     # Ring buffer: slot j holds the latest completed segment number = j (mod M).
     done0 = pos0 // seg_len
     num_old = done0 - 1 - jnp.mod(done0 - 1 - jnp.arange(max_seg, dtype=jnp.int32), max_seg)
@@ -648,7 +832,8 @@ class MemoryCaching(nnx.Module):
     ok = jnp.concatenate([num_old >= 0, valid1])
     g = (p // seg_len)[:, None]  # [t, 1]
     available = ok[None, :] & (nums[None, :] < g) & (nums[None, :] >= g - max_seg)
-    all_states = jnp.concatenate([state["cache"].astype(jnp.float32), states], axis=1)
+    all_states = jax.tree.map(lambda c, s: jnp.concatenate([c.astype(jnp.float32), s], 1),
+                              state["cache"], states)
     all_kbar = jnp.concatenate([state["kbar"].astype(jnp.float32), kbar], axis=1)
     o = self._aggregate(o, proj["q"], x, all_states, all_kbar,
                         jnp.broadcast_to(available, (b,) + available.shape))
@@ -656,7 +841,8 @@ class MemoryCaching(nnx.Module):
     # New state: the newest M completed segments enter the ring buffer.
     done1 = (pos0 + t) // seg_len
     slot = jnp.where(valid1 & (num_new >= done1 - max_seg), num_new % max_seg, max_seg)
-    cache = state["cache"].at[:, slot].set(states.astype(state["cache"].dtype), mode="drop")
+    cache = jax.tree.map(lambda c, s: c.at[:, slot].set(s.astype(c.dtype), mode="drop"),
+                         state["cache"], states)
     kbar_c = state["kbar"].at[:, slot].set(kbar.astype(state["kbar"].dtype), mode="drop")
     # Key sum of the segment still open: tokens from the last segment start on.
     idx = jnp.arange(t)
@@ -664,7 +850,8 @@ class MemoryCaching(nnx.Module):
     after = (idx >= last_start)[None, :, None, None]
     ksum = jnp.sum(jnp.where(after, proj["ks"].astype(jnp.float32), 0.0), axis=1)
     ksum = ksum + jnp.where(last_start < 0, state["ksum"].astype(jnp.float32), 0.0)
-    new = {"S": s_new.astype(state["S"].dtype), "cache": cache,
+    new = {"S": jax.tree.map(lambda a, r: a.astype(r.dtype), s_new, state["S"]),
+           "cache": cache,
            "ksum": ksum.astype(state["ksum"].dtype), "kbar": kbar_c, "pos": pos0 + t}
     if conv_state is not None:
       new.update(conv_state)
@@ -672,9 +859,11 @@ class MemoryCaching(nnx.Module):
 
   def state_size(self, batch: int, *, max_len: int | None = None) -> int:
     del max_len
-    h, dk, dv, dks = self.num_heads, self.key_dim, self.value_dim, self.summary_dim
-    per_row = (1 + self.cfg.max_segments) * h * (dk * dv + dks)
-    return batch * per_row + self.adapter.conv_state_size(self.inner, batch)
+    h, dks, m = self.num_heads, self.summary_dim, self.cfg.max_segments
+    memories = (self.adapter.online_size(self.inner, batch)
+                + m * self.adapter.cached_size(self.inner, batch))
+    return (memories + batch * (1 + m) * h * dks
+            + self.adapter.conv_state_size(self.inner, batch))
 
 
 # ----------------------------------------------------------------------------------

@@ -144,7 +144,8 @@ segment start, the segment's KV cache of h and x (2 * segment_len slots), the co
 
 Reusable pure functions (for other layers, e.g. memory caching): :class:`MemoryMLP`
 (``apply(weights, x)``, ``loss``, ``grad_terms``, ``init``), :func:`memory_recurrence`
-(the whole chunked recurrence, optionally returning the state at every chunk end), and on
+(the whole chunked recurrence, optionally returning the state at every chunk end or the
+memory right after marked tokens), and on
 :class:`TitansLMM`: ``project`` (q, k, v and gates), ``initial_weights``, ``read``,
 ``output``.
 """
@@ -376,7 +377,7 @@ def _single_token(mlp: MemoryMLP, init_weights: Weights, q, k, v, log_keep, log_
 
 def memory_recurrence(mlp: MemoryMLP, init_weights: Weights, q, k, v, log_keep, log_eta,
                       theta, *, chunk_size: int, state=None, doc_pos=None,
-                      return_chunk_states: bool = False):
+                      return_chunk_states: bool = False, memory_at=None):
   """The Titans memory recurrence (module docstring), chunk-parallel.
 
   Args:
@@ -396,17 +397,27 @@ def memory_recurrence(mlp: MemoryMLP, init_weights: Weights, q, k, v, log_keep, 
     return_chunk_states: also return the ``(w0, m, s)`` state after each physical chunk,
       stacked on a leading axis (physical chunks are C tokens, or T when T < C with
       ``doc_pos`` given; the last one is taken at the last real token).
+    memory_at: optional ``[B, T]`` bool marking tokens whose memory ``M_t`` (the weights
+      right after token t's update) is wanted, at most one marked token per row in each
+      physical chunk (e.g. segment ends every L >= C tokens: memory caching). Then the
+      memory at each physical chunk's marked token is returned too, a tuple over layers of
+      ``[n, B, H, d_in, d_out]`` (a row with no mark in a chunk gets that chunk's start
+      memory: meaningless, mask it).
 
   Returns:
     ``o`` ``[B, T, H, Dh]`` float32 (``o_t = M(M_t, q_t)``), the final ``(w0, m, s)`` and,
-    with ``return_chunk_states``, the per-chunk states.
+    with ``return_chunk_states``, the per-chunk states, then with ``memory_at`` the marked
+    memories.
   """
   b, t, h, _ = q.shape
   c_len = chunk_size
   aligned = doc_pos is None
   if t == 1 and not aligned and not return_chunk_states:
-    return _single_token(mlp, init_weights, q, k, v, log_keep, log_eta, theta,
-                         chunk_size=c_len, state=state, doc_pos=doc_pos)
+    o, final = _single_token(mlp, init_weights, q, k, v, log_keep, log_eta, theta,
+                             chunk_size=c_len, state=state, doc_pos=doc_pos)
+    if memory_at is None:
+      return o, final
+    return o, final, tuple(w[None] for w in final[1])
   p = c_len if aligned else min(c_len, t)
   n = -(-t // p)
   tp = n * p
@@ -454,11 +465,16 @@ def memory_recurrence(mlp: MemoryMLP, init_weights: Weights, q, k, v, log_keep, 
   # step of the recurrence: M_t = (1 - alpha_t) M_{t-1} + S_t adds S even when theta_t = 0).
   last_real = jnp.minimum(jnp.arange(n) * p + p - 1, t - 1)
   last_tok = (jnp.arange(n)[:, None] * p + jnp.arange(p)[None, :]) == last_real[:, None]
-  xs = (prep(q), prep(k), prep(v), prep(log_keep), prep(log_eta), prep(theta), cats, last_tok)
+  marks = None
+  if memory_at is not None:
+    marks = jnp.pad(jnp.broadcast_to(memory_at, (b, t)), ((0, 0), (0, pad)))
+    marks = jnp.moveaxis(marks.reshape(b, n, p), 1, 0)  # [n, B, P]
+  xs = (prep(q), prep(k), prep(v), prep(log_keep), prep(log_eta), prep(theta), cats, last_tok,
+        marks)
 
   def body(carry, inp):
     wg, m, s = carry
-    qc, kc, vc, lk, le, th, cat, last = inp
+    qc, kc, vc, lk, le, th, cat, last, mark = inp
     coefs = _coefficients(lk, le, th, cat[0])
     beta, _, f, c, _ = coefs
     last = jnp.broadcast_to(last, (b, p))
@@ -467,6 +483,7 @@ def memory_recurrence(mlp: MemoryMLP, init_weights: Weights, q, k, v, log_keep, 
       y = _retrieve(mlp, qc, [(None, m, s)], beta, f, c, terms)
       m_end, s_end = _state_at(last, coefs, m, s, terms)
       wg_end = m
+      m_at = None if mark is None else _state_at(mark, coefs, m, s, terms)[0]
     else:
       _, is_a, is_b, is_d, last_a = cat
       # Stage 1: the tail of the carried chunk (gradient at w0) gives the state just before
@@ -490,15 +507,19 @@ def memory_recurrence(mlp: MemoryMLP, init_weights: Weights, q, k, v, log_keep, 
       s_hat = _bsel(la, s, _bsel(ld, zeros, s_b))
       m_end, s_end = _state_at(last, coefs, m_hat, s_hat, terms)
       wg_end = _bsel(la, wg, _bsel(lb, m_b, init_b))
+      m_at = None
+      if mark is not None:  # as for `last`: the start state of the marked token's block
+        ma, md = jnp.any(is_a & mark, -1), jnp.any(is_d & mark, -1)
+        m_at = _state_at(mark, coefs, _bsel(ma, m, _bsel(md, init_b, m_b)),
+                         _bsel(ma, s, _bsel(md, zeros, s_b)), terms)[0]
     new = (wg_end, m_end, s_end)
-    return new, (y, new if return_chunk_states else None)
+    return new, (y, new if return_chunk_states else None, m_at)
 
-  final, (ys, chunk_states) = jax.lax.scan(body, carry0, xs)
+  final, (ys, chunk_states, marked) = jax.lax.scan(body, carry0, xs)
   o = jnp.moveaxis(ys, 0, 2).reshape(b, h, tp, -1)[:, :, :t]
   o = jnp.moveaxis(o, 1, 2)
-  if return_chunk_states:
-    return o, final, chunk_states
-  return o, final
+  out = (o, final) + ((chunk_states,) if return_chunk_states else ())
+  return out + ((marked,) if memory_at is not None else ())
 
 
 # ----------------------------------------------------------------------------------
