@@ -9,6 +9,10 @@ implementations. See ``DESIGN.md`` ("The kernel contract").
     RetNet, Mamba2/SSD, GLA).
   * :mod:`kernels.delta_rule` (DeltaNet, Gated DeltaNet) and :mod:`kernels.diag_scan`
     (element-wise ``h_t = a_t h_{t-1} + b_t``) follow the same contract.
+  * :mod:`kernels.block_sparse`: ``block_sparse_attention`` -- flash attention in which each
+    query block visits only its listed key blocks (splash-attention index lists), with the
+    list builders ``causal_blocks``, ``sliding_window_blocks`` and ``topk_blocks``
+    (sliding-window and landmark attention).
 
 :mod:`kernels._common` holds what the ops share: ``auto_impl``, the static
 ``KernelConfig`` of a Pallas call, front padding in time, power-of-two padding for Triton
