@@ -20,7 +20,7 @@ from lcm import train
 from lcm.evals import plots
 
 _MIXERS = flags.DEFINE_list("mixers", ["attention", "swa", "mamba2", "gated_deltanet", "gla",
-                                       "mamba"], "Mixer patterns to compare.")
+                                       "mamba", "titans_mac"], "Mixer patterns to compare.")
 _STEPS = flags.DEFINE_integer("steps", 300, "Training steps per mixer.")
 _D_MODEL = flags.DEFINE_integer("d_model", 64, "Model width.")
 _LAYERS = flags.DEFINE_integer("num_layers", 2, "Layers.")

@@ -11,8 +11,12 @@ The mixer contract (see DESIGN.md):
   * ``y = attn(x, segment_ids)``: training / prefill. Mask = causal AND same document AND
     (``0 <= q_pos - k_pos < window`` when ``window`` is set). RoPE positions restart at 0 at
     every document start, so a document packed into a row gives the same output as run alone.
-    This form materialises the [B, H, T, T] score matrix (a reference implementation; a
-    blockwise kernel is a drop-in replacement later).
+    Full attention (and any call with ``segment_ids``) materialises the [B, H, T, T] score
+    matrix. Sliding-window attention without ``segment_ids`` and with T > 2 * ``block_size``
+    runs on ``kernels.block_sparse`` over :func:`sliding_window_blocks` lists instead
+    (T padded up to a multiple of ``block_size``, outputs sliced back): O(T * window) time
+    and memory. The kernel has no document mask, so packed documents keep the dense masked
+    path (exact, O(T^2)); see :meth:`Attention.uses_block_sparse`.
   * ``state = attn.init_state(batch, dtype, max_len=...)``: an empty KV cache.
   * ``y, state = attn.step(x, state)``: ``t >= 1`` new tokens of one document per row.
 
@@ -40,6 +44,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from kernels.block_sparse import block_sparse_attention, sliding_window_blocks
 from layers.common import ConfigError, Linear, check, dense_init, param, segment_positions
 
 _NEG_INF = -1e30  # finite, so a (never expected) fully masked row cannot produce NaNs
@@ -61,6 +66,9 @@ class AttentionConfig:
   window: sliding window; a query attends to keys with ``0 <= q_pos - k_pos < window``.
     None = full causal attention.
   max_len: KV-cache capacity used by ``init_state`` when ``max_len`` is not passed.
+  block_size: query/key block of the block-sparse sliding-window path of ``__call__``
+    (used only when ``window`` is set; T is padded up to a multiple of it). Pallas kernels
+    need a multiple of 16 (GPU: a power of two); other sizes run the ``xla`` implementation.
   """
 
   num_heads: int = 4
@@ -69,6 +77,7 @@ class AttentionConfig:
   rope_theta: float = 10000.0
   window: int | None = None
   max_len: int = 4096
+  block_size: int = 64
 
   def validate(self, d_model: int) -> None:
     """Raises ConfigError(field, message) for the first invalid field."""
@@ -102,6 +111,8 @@ class AttentionConfig:
             f"must be None or an integer >= 1 (got {self.window!r})")
     check(_is_int(self.max_len) and self.max_len >= 1, "max_len",
           f"must be an integer >= 1 (got {self.max_len!r})")
+    check(_is_int(self.block_size) and self.block_size >= 1, "block_size",
+          f"must be an integer >= 1 (got {self.block_size!r})")
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
@@ -163,6 +174,14 @@ class Attention(nnx.Module):
 
   def _attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
     """q [B,Tq,H,Dh], k/v [B,Tk,Hkv,Dh], mask broadcastable to [B,Tq,Tk] -> [B,Tq,D]."""
+    return self._project(self._attend_heads(q, k, v, mask))
+
+  def _project(self, o: jax.Array) -> jax.Array:
+    """Per-head outputs o [B,T,H,Dh] -> the output projection [B,T,D]."""
+    return jnp.einsum("bqhd,hde->bqe", o, self.out[...].astype(self.dtype))
+
+  def _attend_heads(self, q, k, v, mask) -> jax.Array:
+    """Dense masked attention, per-head outputs [B,Tq,H,Dh] (see ``_attend``)."""
     b, tq, h, dh = q.shape
     hkv = self.num_kv_heads
     g = h // hkv
@@ -174,8 +193,30 @@ class Attention(nnx.Module):
     mask = jnp.broadcast_to(mask, (b, tq, k.shape[1]))[:, None, None]
     s = jnp.where(mask, s, _NEG_INF)
     p = jax.nn.softmax(s, axis=-1).astype(self.dtype)
-    o = jnp.einsum("bhgqk,bkhd->bqhgd", p, v).reshape(b, tq, h, dh)
-    return jnp.einsum("bqhd,hde->bqe", o, self.out[...].astype(self.dtype))
+    return jnp.einsum("bhgqk,bkhd->bqhgd", p, v).reshape(b, tq, h, dh)
+
+  def _window_heads(self, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Causal sliding-window attention of one document per row on the block-sparse kernel:
+    q [B,T,H,Dh], k/v [B,T,Hkv,Dh] -> [B,T,H,Dh]. T is padded at the end to a multiple of
+    ``block_size`` (padded keys lie after every real query, so the causal mask hides them;
+    padded queries are sliced off)."""
+    t = q.shape[1]
+    bs = self.cfg.block_size
+    tp = -(-t // bs) * bs
+    pad = lambda a: jnp.pad(a, ((0, 0), (0, tp - t), (0, 0), (0, 0))) if tp > t else a
+    idx, cnt = sliding_window_blocks(tp, bs, self.cfg.window)
+    o = block_sparse_attention(pad(q), pad(k.astype(self.dtype)), pad(v.astype(self.dtype)),
+                               idx, cnt, block_size=bs, causal=True,
+                               scale=1.0 / math.sqrt(self.head_dim), window=self.cfg.window)
+    return o[:, :t]
+
+  def uses_block_sparse(self, seq_len: int, segment_ids: jax.Array | None = None) -> bool:
+    """Whether ``__call__`` on ``seq_len`` tokens runs the block-sparse sliding-window kernel:
+    a window is set, no packed documents (the kernel has no document mask) and the padded
+    length exceeds two blocks (below that the dense path is as cheap)."""
+    bs = self.cfg.block_size
+    return (self.cfg.window is not None and segment_ids is None
+            and -(-seq_len // bs) * bs > 2 * bs)
 
   def cache_len(self, max_len: int | None = None) -> int:
     """Number of KV-cache slots L for a cache built with ``max_len`` (default cfg.max_len)."""
@@ -191,6 +232,8 @@ class Attention(nnx.Module):
     b, t, _ = x.shape
     pos = segment_positions(segment_ids, b, t)
     q, k, v = self._qkv(x, pos)
+    if self.uses_block_sparse(t, segment_ids):
+      return self._project(self._window_heads(q, k, v))
     i = jnp.arange(t)
     mask = (i[:, None] >= i[None, :])[None]  # [1, T, T]
     if self.cfg.window is not None:

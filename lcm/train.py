@@ -295,6 +295,15 @@ def _json_config(config) -> dict:
   return json.loads(config.to_json_best_effort())
 
 
+def _previous_summary(workdir: str) -> dict:
+  """The ``summary.json`` an earlier run left in ``workdir`` ({} if none / unreadable)."""
+  try:
+    with open(os.path.join(workdir, "summary.json"), encoding="utf-8") as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return {}
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> dict[str, Any]:
   """Trains (or resumes) the experiment in ``config`` in ``workdir``; returns the summary."""
   t_start = time.time()
@@ -388,6 +397,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> dic
         ckpt.save(done, {"params": params, "opt_state": opt_state, "step": step_array}, it)
     flush()
     tps = tokens_per_second(c.train.steps)
+    if not tps:  # nothing (timed) was trained now: keep the earlier run's throughput
+      tps = _previous_summary(workdir).get("tokens_per_second", 0.0)
     if eval_metrics is None:  # nothing left to train: evaluate the restored model
       eval_metrics = trainer.evaluate(params)
   finally:

@@ -126,3 +126,35 @@ def test_titans_overrides_name_heads_and_chunk():
   o = bench._titans_overrides(4, 64)  # pylint: disable=protected-access
   assert sorted(o.values()) == [4, 64]
   registry.validate("titans_lmm", 256, o)  # the names are titans_lmm.Config fields
+
+
+# ------------------------------------------------------------------ --what=swa (toy)
+
+
+def test_swa_benchmark_bookkeeping_and_dense_baseline():
+  from kernels.block_sparse import block_sparse_attention, causal_blocks  # pylint: disable=g-import-not-at-top
+  # The dense baseline: query-blocked == unblocked == the kernel over full causal lists.
+  ks = jax.random.split(jax.random.PRNGKey(1), 3)
+  q, k, v = (jax.random.normal(k_, (1, 32, 2, 8)) for k_ in ks)
+  full = bench.dense_causal_attention(q, k, v)
+  np.testing.assert_allclose(bench.dense_causal_attention(q, k, v, query_block=8), full,
+                             atol=1e-5)
+  idx, cnt = causal_blocks(32, 8)
+  np.testing.assert_allclose(block_sparse_attention(q, k, v, idx, cnt, block_size=8), full,
+                             atol=1e-5)
+  # Blocking is chosen from the memory the unblocked temporaries need (4 x [B,H,T,T] fp32).
+  assert bench._dense_query_block(1, 16384, 4, 0, 16 * 2**30)[0] == 1024  # pylint: disable=protected-access
+  assert bench._dense_query_block(1, 1024, 4, 0, 16 * 2**30)[0] is None  # pylint: disable=protected-access
+  assert bench._dense_query_block(1, 1024, 4, 256, None)[0] == 256  # pylint: disable=protected-access
+  # Toy run: both cases timed, the ratio is dense / sparse, the T=16k target unmeasured.
+  r = bench.swa_benchmark(seq_len=64, batch=1, heads=2, head_dim=8, window=20, block_size=16,
+                          repeats=2, dense_query_block=16)
+  sp, dn = r["cases"]["block_sparse_swa"], r["cases"]["dense_causal"]
+  for c in (sp, dn):
+    assert c["ms"] > 0 and c["runs"] == 2 and len(c["all_ms"]) == 2 and c["grads_finite"]
+  assert r["speedup"] == pytest.approx(dn["ms"] / sp["ms"])
+  assert sp["max_blocks_per_query_block"] == 3  # ceil(19 / 16) + 1 key blocks
+  assert sp["keys_scored_per_query"] == 48 and dn["keys_scored_per_query"] == 64
+  assert dn["query_block"] == 16 and "16" in dn["note"]
+  (tg,) = r["targets"]
+  assert tg["pass"] is None and "T=64" in tg["note"] and r["all_targets_pass"] is False
