@@ -22,7 +22,8 @@ def test_names_and_get():
 def test_config_fields_apply_registry_defaults():
   att = registry.config_fields("attention")
   swa = registry.config_fields("swa")
-  assert set(att) == {"num_heads", "num_kv_heads", "head_dim", "rope_theta", "window", "max_len"}
+  assert set(att) == {"num_heads", "num_kv_heads", "head_dim", "rope_theta", "window", "max_len",
+                      "block_size"}
   assert att["window"] is None and att["num_heads"] == 4
   assert swa["window"] == 64
   swa["window"] = 1  # a copy: the registry's table is not modified
