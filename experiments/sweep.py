@@ -181,7 +181,7 @@ def run_grid(base: ml_collections.ConfigDict, points: Iterable[dict[str, Any]], 
 
 def _fmt(v: Any) -> str:
   if isinstance(v, float):
-    return f"{v:.4g}"
+    return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.4g}"
   if isinstance(v, int) and not isinstance(v, bool):
     return f"{v:,}"
   return str(v)
@@ -199,7 +199,9 @@ def write_table(rows: list[dict], out: str, keys: Sequence[str],
     for r in rows:
       w.writerow({k: (json.dumps(v) if isinstance(v, (list, dict)) else v)
                   for k, v in r.items()})
-  head = [k.rpartition(".")[2] for k in keys] + list(columns)
+  leaves = [k.rpartition(".")[2] for k in keys]
+  columns = [c for c in columns if c not in leaves]  # a swept field is shown once
+  head = leaves + columns
   lines = ([f"# {title}", ""] if title else []) + ([note, ""] if note else [])
   lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in rows:
