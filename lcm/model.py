@@ -10,6 +10,14 @@ The LM has the same three forms as its mixers:
   state = lm.init_state(batch, max_len=...)     # stacked per-group mixer states
   logits, state = lm.step(tokens, state)        # [B, t] -> [B, t, V]
   logits, aux = lm(tokens, segment_ids, return_aux=True)   # + summed auxiliary losses
+
+Landmark tokens. When the pattern holds a ``landmark`` mixer (``needs_landmarks``), the LM
+inserts a learned landmark embedding after every ``block_size - 1`` tokens of each document
+(the paper's data layout: each block of ``block_size`` ends with its landmark), runs every
+layer on the longer sequence, and returns logits only at the real tokens (the reference's
+``MemLMCache`` + ``get_final_logits``). ``step`` does the same token by token (it feeds the
+landmark after the token that completes a block); the state then also counts real tokens.
+Callers never see landmarks: tokens in, one logit row per token out.
 """
 
 from __future__ import annotations
@@ -97,6 +105,19 @@ class Group(nnx.Module):
     return sum(b.mixer.state_size(batch, max_len=max_len) for b in self.blocks)
 
 
+def landmark_layout(segment_ids, batch: int, length: int, every: int):
+  """Where tokens and landmarks go when a landmark follows every ``every`` tokens of each
+  document. Returns ``(tok_idx [B, T], lm_idx [B, T], has_lm [B, T], ext_len)``: token j
+  moves to ``tok_idx[j]`` of the extended row; when ``has_lm[j]`` a landmark follows it at
+  ``lm_idx[j]``. ``ext_len = T + T // every`` bounds every row (the tail is padding)."""
+  from layers.common import segment_positions  # pylint: disable=g-import-not-at-top
+  pos = segment_positions(segment_ids, batch, length)
+  has_lm = (pos + 1) % every == 0
+  before = jnp.cumsum(has_lm, axis=1) - has_lm
+  tok_idx = jnp.arange(length)[None] + before
+  return tok_idx, tok_idx + 1, has_lm, length + length // every
+
+
 class LM(nnx.Module):
   """Decoder-only language model built from a mixer pattern (a validated ``config.model``)."""
 
@@ -126,6 +147,18 @@ class LM(nnx.Module):
     else:
       self.groups = nnx.List([Group(cfg, names, rngs=rngs) for _ in range(self.num_groups)])
     self.norm = RMSNorm(d, eps=cfg.norm_eps, dtype=self.dtype, param_dtype=pdtype, rngs=rngs)
+    blocks = {int(dict(self.mixer_overrides[i][1]).get(
+        "block_size", registry.config_fields(n)["block_size"]))
+              for i, n in enumerate(names) if getattr(registry.get(n), "needs_landmarks", False)}
+    if len(blocks) > 1:
+      from layers.common import ConfigError  # pylint: disable=g-import-not-at-top
+      raise ConfigError("model.mixers", f"landmark layers must share one block_size "
+                        f"(got {sorted(blocks)})")
+    # A landmark token after every ``landmark_every`` real tokens (0: no landmarks).
+    self.landmark_every = blocks.pop() - 1 if blocks else 0
+    if self.landmark_every:
+      self.landmark = param(rngs, lambda k, s, dt: jax.random.normal(k, s, jnp.float32).astype(dt),
+                            (d,), ("embed",), pdtype)
     self.head = None if cfg.tie_embeddings else Linear(
         d, v, ("embed", "vocab"), dtype=self.dtype, param_dtype=pdtype, rngs=rngs)
 
@@ -145,6 +178,18 @@ class LM(nnx.Module):
     """Logits [B, T, V] (fp32); with ``return_aux`` also the sum over all layers of the
     mixers' auxiliary losses (``call_with_aux``; 0.0 when no mixer has one)."""
     x = self._embed(tokens)
+    if self.landmark_every:
+      b, t = tokens.shape
+      tok_idx, lm_idx, has_lm, ext = landmark_layout(segment_ids, b, t, self.landmark_every)
+      rows = jnp.arange(b)[:, None]
+      xe = jnp.zeros((b, ext, x.shape[-1]), x.dtype).at[rows, tok_idx].set(x)
+      lm = jnp.broadcast_to(self.landmark[...].astype(x.dtype), x.shape)
+      xe = xe.at[rows, jnp.where(has_lm, lm_idx, ext)].set(lm, mode="drop")
+      if segment_ids is not None:  # landmarks join their document; the tail gets its own id
+        se = jnp.full((b, ext), jnp.max(segment_ids) + 1, segment_ids.dtype)
+        se = se.at[rows, tok_idx].set(segment_ids)
+        segment_ids = se.at[rows, jnp.where(has_lm, lm_idx, ext)].set(segment_ids, mode="drop")
+      x = xe
     aux = jnp.zeros((), jnp.float32)
     if self.scan_layers:
       def body(group, carry):
@@ -160,17 +205,45 @@ class LM(nnx.Module):
         fn = lambda gg, h: gg.call_with_aux(h, segment_ids)
         x, ga = (nnx.remat(fn) if self.remat else fn)(g, x)
         aux = aux + ga
+    if self.landmark_every:
+      x = jnp.take_along_axis(x, tok_idx[..., None], axis=1)  # drop the landmark outputs
     logits = self._logits(x)
     return (logits, aux) if return_aux else logits
 
   def init_state(self, batch: int, dtype=jnp.float32, *, max_len: int | None = None):
+    if self.landmark_every:
+      ext = None if max_len is None else max_len + max_len // self.landmark_every + 1
+      return {"layers": self._init_layer_state(batch, dtype, ext),
+              "tokens": jnp.zeros((), jnp.int32)}
+    return self._init_layer_state(batch, dtype, max_len)
+
+  def _init_layer_state(self, batch, dtype, max_len):
     if self.scan_layers:
       return nnx.vmap(lambda g: g.init_state(batch, dtype, max_len), in_axes=0, out_axes=0,
                       transform_metadata={nnx.PARTITION_NAME: "layers"})(self.groups)
     return [g.init_state(batch, dtype, max_len) for g in self.groups]
 
   def step(self, tokens, state):
+    if not self.landmark_every:
+      return self._step_layers(self._embed(tokens), state)
     x = self._embed(tokens)
+    lm = jnp.broadcast_to(self.landmark[...].astype(x.dtype), x[:, :1].shape)
+    graphdef, params = nnx.split(self)  # carried, so scan / cond trace them at their level
+
+    def one(carry, xi):  # a token, then (after every ``landmark_every``-th) a landmark
+      st, n, p = carry
+      logits, st = nnx.merge(graphdef, p)._step_layers(xi[:, None], st)
+      n = n + 1
+      st = jax.lax.cond(n % self.landmark_every == 0,
+                        lambda s, p: nnx.merge(graphdef, p)._step_layers(lm, s)[1],
+                        lambda s, p: s, st, p)
+      return (st, n, p), logits[:, 0]
+
+    (layers, n, _), logits = jax.lax.scan(one, (state["layers"], state["tokens"], params),
+                                          jnp.moveaxis(x, 1, 0))
+    return jnp.moveaxis(logits, 0, 1), {"layers": layers, "tokens": n}
+
+  def _step_layers(self, x, state):
     if self.scan_layers:
       def body(group, h, s):
         return group.step(h, s)

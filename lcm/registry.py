@@ -31,6 +31,7 @@ from layers.common import ConfigError
 _TABLE: dict[str, tuple[str, str, dict[str, Any]]] = {
     "attention": ("layers.attention", "Attention", {}),
     "swa": ("layers.attention", "Attention", {"window": 64}),
+    "landmark": ("layers.landmark", "Landmark", {}),
     "s4d": ("layers.ssm", "S4D", {}),
     "mamba": ("layers.ssm", "Mamba", {}),
     "mamba2": ("layers.ssm", "Mamba2", {}),

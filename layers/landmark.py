@@ -1,0 +1,401 @@
+"""Landmark attention: grouped-softmax training, top-k block retrieval at inference.
+
+Reference (the math only; the code is lcm's own): Mohtashami & Jaggi 2023, "Landmark
+Attention: Random-Access Infinite Context Length for Transformers"; facts checked against
+epfml/landmark-attention (``models/landmark.py`` grouped softmax, ``models/caches/
+mem_cache.py`` retrieval and its position mapping).
+
+Blocks and landmark tokens. A document is cut into blocks of ``block_size`` tokens whose
+*last* token is the block's landmark: token ``t`` (position ``p`` inside its document) is a
+landmark iff ``p % block_size == block_size - 1``. The mixer does not insert tokens; the
+model does (``lcm/model.py`` puts a learned landmark embedding after every
+``block_size - 1`` real tokens and drops the landmark positions' outputs, the paper's
+``MemLMCache`` / ``get_final_logits``). Used alone, the mixer simply treats every
+``block_size``-th token as a landmark.
+
+Grouped softmax (training, and inference up to ``exact_len`` tokens). Query ``i`` in block
+``b`` with scores ``s_ij`` (RoPE, scaled dot product):
+
+    top group  G_i = {non-landmark tokens of block b, j <= i} + {landmarks L_c, c < b}
+    w_ij = exp(s_ij - lse_{G_i})                                   j in block b
+    w_ij = exp(s_{i,L_c} - lse_{G_i}) * exp(s_ij - lse_{c,i})      j in block c < b, not L_c
+    w_ij = 0                                                       j a landmark
+    y_i  = sum_j w_ij v_j
+
+where ``lse_{c,i}`` is the log-sum-exp of ``s_i.`` over block c's non-landmark tokens: the
+landmark's probability in the top group gates its block, whose tokens share it by their own
+softmax. Every weight row sums to 1. The current block's landmark is never attended (also
+not by the landmark token itself).
+
+Top-k retrieval (inference beyond ``exact_len`` tokens). Query ``i`` of block ``b`` ranks
+the earlier blocks by ``q_i . k_{L_c}`` (per head, per token -- the reference's
+``per_token_and_head``), keeps the ``top_k`` best, and evaluates the grouped softmax above
+over its own block plus the retrieved blocks only. Positions follow the reference's
+mapping: the retrieved blocks, in their original order, are placed right before the current
+block (slot ``b - n + r`` for the r-th of ``n`` retrieved), so no query ever sees a relative
+distance beyond ``(top_k + 1) * block_size`` -- which is why a model trained on short
+sequences reads arbitrarily long ones. For ranking, every landmark is rotated to the slot
+just before the current block (all candidates at the same distance). With ``top_k`` >= the
+number of earlier blocks, retrieval is exactly the grouped softmax (tested).
+
+Forms (the mixer contract):
+  * ``y = lm(x, segment_ids)``: queries at document positions ``< exact_len`` use the exact
+    grouped softmax (dense [T, T] scores, the training path); later queries retrieve, one
+    query block at a time (``lax.map``), O(T * (T / block_size + top_k * block_size)).
+    Packed rows (``segment_ids``) always use the exact form.
+  * ``state = lm.init_state(batch, dtype, max_len=...)``: a KV cache of ``max_len`` slots
+    holding un-rotated keys (slot = position); optionally in host memory
+    (``kv_memory="pinned_host"``, JAX memory kinds): each step then moves only the landmark
+    keys, the current block and the retrieved blocks to the device.
+  * ``y, state = lm.step(x, state)``: token by token (``lax.scan``); the same exact /
+    retrieval rule per position, so step, chunked step and the parallel form agree.
+
+The block-sparse kernel (``kernels.block_sparse``) takes one key-block list per *query
+block*; landmark retrieval selects per *token* (a query block's union would let later
+queries influence earlier ones' choice of blocks), so the retrieval path gathers blocks
+per token instead; see NOTES.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from layers.attention import Attention, AttentionConfig, _is_int
+from layers.common import ConfigError, check, segment_positions
+
+_NEG = -1e30
+KV_MEMORY = ("device", "pinned_host")
+
+
+@dataclasses.dataclass(frozen=True)
+class LandmarkConfig(AttentionConfig):
+  """Hyper-parameters of :class:`Landmark` (plus those of :class:`AttentionConfig`).
+
+  block_size: tokens per block, the landmark included (the paper: 50 = 49 + 1). >= 2.
+  top_k: blocks retrieved per token and head beyond ``exact_len`` (the paper's passkey
+    test retrieves 4 or 5).
+  exact_len: document positions below this use the exact grouped softmax; later ones
+    retrieve. A multiple of ``block_size``; 0 = always retrieve.
+  kv_memory: where ``init_state`` keeps the KV cache: "device" or "pinned_host".
+  (``window`` must stay None.)
+  """
+
+  block_size: int = 32
+  top_k: int = 4
+  exact_len: int = 512
+  max_len: int = 4096
+  kv_memory: str = "device"
+
+  def validate(self, d_model: int) -> None:
+    super().validate(d_model)
+    check(self.window is None, "window", f"must be None for landmark (got {self.window!r})")
+    check(_is_int(self.block_size) and self.block_size >= 2, "block_size",
+          f"must be an integer >= 2 (got {self.block_size!r})")
+    check(_is_int(self.top_k) and self.top_k >= 1, "top_k",
+          f"must be an integer >= 1 (got {self.top_k!r})")
+    check(_is_int(self.exact_len) and self.exact_len >= 0
+          and self.exact_len % self.block_size == 0, "exact_len",
+          f"must be a non-negative multiple of block_size={self.block_size} "
+          f"(got {self.exact_len!r})")
+    check(self.kv_memory in KV_MEMORY, "kv_memory",
+          f"must be one of {KV_MEMORY} (got {self.kv_memory!r})")
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """RoPE (rotate-half, as ``layers.attention.apply_rope``) for any leading shape:
+  x [..., Dh], positions broadcastable to x.shape[:-1]."""
+  if theta == 0:
+    return x
+  half = x.shape[-1] // 2
+  inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / x.shape[-1])
+  ang = jnp.broadcast_to(positions, x.shape[:-1]).astype(jnp.float32)[..., None] * inv_freq
+  cos, sin = jnp.cos(ang), jnp.sin(ang)
+  x32 = x.astype(jnp.float32)
+  x1, x2 = x32[..., :half], x32[..., half:]
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
+
+
+def _lse(s, mask, axis=-1):
+  """Masked log-sum-exp (finite -1e30 where the mask is empty)."""
+  m = jnp.max(jnp.where(mask, s, _NEG), axis=axis, keepdims=True)
+  m = jax.lax.stop_gradient(jnp.where(m > _NEG / 2, m, 0.0))
+  e = jnp.where(mask, jnp.exp(s - m), 0.0).sum(axis=axis, keepdims=True)
+  return jnp.where(e > 0, jnp.log(jnp.maximum(e, 1e-38)) + m, _NEG)
+
+
+def _exp_where(mask, x):
+  """exp(x) where mask, else 0; masked entries never reach exp (no inf * 0 in gradients)."""
+  return jnp.where(mask, jnp.exp(jnp.where(mask, x, 0.0)), 0.0)
+
+
+def grouped_softmax_weights(s, q_pos, k_pos, visible, group, bs):
+  """Attention weights of the grouped softmax.
+
+  s: [B, H, Tq, Tk] fp32 scores; q_pos [B, Tq], k_pos [B, Tk]: positions in the document;
+  visible [B, Tq, Tk]: causal, same document, filled cache slot; group [B, Tk]: index (into
+  the key axis) of the first token of key j's block, so key ``group + bs - 1`` is its
+  landmark. Returns w [B, H, Tq, Tk] (rows sum to 1 over non-landmark keys).
+  """
+  tk = s.shape[-1]
+  qb = (q_pos // bs)[:, :, None]
+  kb = (k_pos // bs)[:, None, :]
+  is_lm = (k_pos % bs == bs - 1)[:, None, :]
+  current = visible & (kb == qb)
+  earlier = visible & (kb < qb)
+  top = ((current & ~is_lm) | (earlier & is_lm))[:, None]
+  grp = (earlier & ~is_lm)[:, None]
+  lse_top = _lse(s, top)
+  # Per-block log-sum-exp of each query's scores: segment ops over the key axis.
+  st = jnp.moveaxis(jnp.where(grp, s, _NEG), -1, 0)  # [Tk, B, H, Tq]
+  seg = group[0] if group.shape[0] == 1 else None
+  if seg is None:  # rows with different block layouts (packed documents): vmap over B
+    gmax = jax.vmap(lambda a, g: jax.ops.segment_max(a, g, num_segments=tk), (1, 0), 1)(
+        st, group)
+  else:
+    gmax = jax.ops.segment_max(st, seg, num_segments=tk)
+  gmax = jax.lax.stop_gradient(jnp.maximum(gmax, _NEG))
+  take = lambda a: (jnp.take(a, seg, axis=0) if seg is not None else
+                    jax.vmap(lambda x, g: jnp.take(x, g, axis=0), (1, 0), 1)(a, group))
+  shift = jnp.where(jnp.moveaxis(grp, -1, 0), take(gmax), 0.0)
+  e = jnp.where(jnp.moveaxis(grp, -1, 0), jnp.exp(st - shift), 0.0)
+  if seg is None:
+    gsum = jax.vmap(lambda a, g: jax.ops.segment_sum(a, g, num_segments=tk), (1, 0), 1)(
+        e, group)
+  else:
+    gsum = jax.ops.segment_sum(e, seg, num_segments=tk)
+  lse_grp = jnp.moveaxis(jnp.log(jnp.maximum(take(gsum), 1e-38)) + take(gmax), 0, -1)
+  lm_idx = jnp.minimum(group + bs - 1, tk - 1)  # [B, Tk]
+  s_lm = jnp.take_along_axis(s, jnp.broadcast_to(lm_idx[:, None, None, :], s.shape), -1)
+  top_tok = top & ~is_lm[:, None]
+  return (_exp_where(top_tok, s - lse_top)
+          + _exp_where(grp, s_lm - lse_top + s - lse_grp))
+
+
+class Landmark(Attention):
+  """Landmark attention (Mohtashami & Jaggi 2023); see the module docstring."""
+
+  Config = LandmarkConfig
+  needs_landmarks = True  # lcm/model.py inserts the landmark tokens
+
+  def __init__(self, d_model: int, cfg: LandmarkConfig = LandmarkConfig(), *,
+               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    super().__init__(d_model, cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+  # ---------------------------------------------------------------- pieces
+  def _heads(self, x):
+    """Un-rotated q, k, v [B, T, H, Dh] (k, v repeated to H heads for GQA)."""
+    rep = self.num_heads // self.num_kv_heads
+    k = jnp.repeat(self.k(x), rep, axis=2) if rep > 1 else self.k(x)
+    v = jnp.repeat(self.v(x), rep, axis=2) if rep > 1 else self.v(x)
+    return self.q(x), k, v
+
+  def _scores(self, q, k):
+    s = jnp.einsum("bqhd,bkhd->bhqk", q, k.astype(q.dtype), preferred_element_type=jnp.float32)
+    return s * (1.0 / math.sqrt(self.head_dim))
+
+  def _exact(self, q, k, v, q_pos, k_pos, visible, group):
+    """Grouped softmax of rotated q [B,Tq,H,Dh] over rotated k / v [B,Tk,H,Dh]."""
+    w = grouped_softmax_weights(self._scores(q, k), q_pos, k_pos, visible, group,
+                                self.cfg.block_size)
+    return jnp.einsum("bhqk,bkhd->bqhd", w.astype(self.dtype), v.astype(self.dtype))
+
+  def _retrieve(self, q, offs, b, local_k, local_v, lm_keys, blocks_k, blocks_v):
+    """Top-k retrieval for queries of one block.
+
+    q: [B, n, H, Dh] rotated at their true positions ``b * bs + offs`` (offs [n]);
+    local_k / local_v: [B, bs, H, Dh] block b (keys un-rotated; slots past the queries are
+    masked); lm_keys: [B, nb, H, Dh] un-rotated landmark keys of blocks 0..nb-1 (blocks >= b
+    are masked); blocks_k / blocks_v: [B, nb, bs, H, Dh] the block table to gather from.
+    Returns [B, n, H, Dh].
+    """
+    bs, theta, topk = self.cfg.block_size, self.cfg.rope_theta, self.cfg.top_k
+    nb = lm_keys.shape[1]
+    kk = min(topk, nb)
+    scale = 1.0 / math.sqrt(self.head_dim)
+    qf = q.astype(jnp.float32)
+    # Local block at true positions.
+    j = jnp.arange(bs)
+    lk = rope(local_k, (b * bs + j)[None, :, None], theta)
+    s_loc = jnp.einsum("bqhd,bkhd->bhqk", qf, lk.astype(jnp.float32)) * scale
+    loc_mask = (j[None, :] <= offs[:, None]) & (j[None, :] != bs - 1)  # [n, bs]
+    # Rank the earlier blocks, all landmarks at the slot just before block b.
+    sel = jnp.einsum("bqhd,bchd->bhqc", qf,
+                     rope(lm_keys, b * bs - 1, theta).astype(jnp.float32))
+    sel = jnp.where(jnp.arange(nb) < b, sel, -jnp.inf)
+    top_s, top_i = jax.lax.top_k(sel, kk)  # [B, H, n, kk]
+    valid = top_s > -jnp.inf
+    order = jnp.sort(jnp.where(valid, top_i, nb), axis=-1)  # chronological, invalid last
+    valid = order < nb
+    idx = jnp.minimum(order, nb - 1)
+    n_valid = jnp.sum(valid, axis=-1, keepdims=True)  # [B, H, n, 1]
+    slot = b - n_valid + jnp.arange(kk)  # [B, H, n, kk]
+    bi = jnp.arange(q.shape[0])[:, None, None, None]
+    hi = jnp.arange(q.shape[2])[None, :, None, None]
+    gk = blocks_k[bi, idx, :, hi]  # [B, H, n, kk, bs, Dh]
+    gv = blocks_v[bi, idx, :, hi]
+    gk = rope(gk, slot[..., None] * bs + j, theta)
+    s_blk = jnp.einsum("bqhd,bhqrkd->bhqrk", qf, gk.astype(jnp.float32)) * scale
+    gate = s_blk[..., bs - 1]  # the landmark's score at its mapped position
+    blk_mask = valid[..., None] & (j != bs - 1)
+    lse_top = jnp.logaddexp(_lse(s_loc, loc_mask[None, None])[..., 0],
+                            _lse(gate, valid)[..., 0])[..., None]  # [B, H, n, 1]
+    lse_blk = _lse(s_blk, blk_mask)  # [B, H, n, kk, 1]
+    w_loc = _exp_where(jnp.broadcast_to(loc_mask, s_loc.shape), s_loc - lse_top)
+    w_blk = _exp_where(jnp.broadcast_to(blk_mask, s_blk.shape),
+                       (gate - lse_top)[..., None] + s_blk - lse_blk)
+    dt = self.dtype
+    o = jnp.einsum("bhqk,bkhd->bqhd", w_loc.astype(dt), local_v.astype(dt))
+    return o + jnp.einsum("bhqrk,bhqrkd->bqhd", w_blk.astype(dt), gv.astype(dt))
+
+  # ---------------------------------------------------------------- contract
+  def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+    """x: [B, T, D]; segment_ids: [B, T] or None -> [B, T, D]."""
+    self._check_x(x)
+    b_, t, _ = x.shape
+    bs, ex, theta = self.cfg.block_size, self.cfg.exact_len, self.cfg.rope_theta
+    pos = segment_positions(segment_ids, b_, t)
+    q, k, v = self._heads(x)
+    qr = rope(q, pos[:, :, None], theta)
+    i = jnp.arange(t)
+    if segment_ids is not None or t <= ex:
+      visible = i[:, None] >= i[None, :]
+      if segment_ids is not None:
+        visible = visible & (segment_ids[:, :, None] == segment_ids[:, None, :])
+      visible = jnp.broadcast_to(visible, (b_, t, t))
+      group = (i[None, :] - pos % bs).astype(jnp.int32)
+      if segment_ids is None:
+        group = group[:1]
+      kr = rope(k, pos[:, :, None], theta)
+      return self._project(self._exact(qr, kr, v, pos, pos, visible, group))
+    # Exact head (positions < exact_len), then retrieval one query block at a time.
+    parts = []
+    if ex:
+      kr = rope(k[:, :ex], pos[:, :ex, None], theta)
+      vis = jnp.broadcast_to(i[:ex, None] >= i[None, :ex], (b_, ex, ex))
+      grp = (i[None, :ex] - i[None, :ex] % bs).astype(jnp.int32)
+      parts.append(self._exact(qr[:, :ex], kr, v[:, :ex], pos[:, :ex], pos[:, :ex], vis, grp))
+    tp = -(-t // bs) * bs
+    pad = lambda a: jnp.pad(a, ((0, 0), (0, tp - t)) + ((0, 0),) * (a.ndim - 2))
+    qp, kp, vp = pad(qr), pad(k), pad(v)
+    nb = tp // bs
+    blocks_k = kp.reshape(b_, nb, bs, *k.shape[2:])
+    blocks_v = vp.reshape(b_, nb, bs, *v.shape[2:])
+    lm_keys = blocks_k[:, :, bs - 1]
+    offs = jnp.arange(bs)
+
+    def one_block(blk):
+      qb = jax.lax.dynamic_index_in_dim(blocks_q, blk, 1, keepdims=False)
+      return self._retrieve(qb, offs, blk, blocks_k[:, blk], blocks_v[:, blk], lm_keys,
+                            blocks_k, blocks_v)
+
+    blocks_q = qp.reshape(b_, nb, bs, *q.shape[2:])
+    out = jax.lax.map(one_block, jnp.arange(ex // bs, nb))  # [nb', B, bs, H, Dh]
+    out = jnp.moveaxis(out, 0, 1).reshape(b_, -1, *q.shape[2:])
+    parts.append(out)
+    return self._project(jnp.concatenate(parts, axis=1)[:, :t])
+
+  def cache_len(self, max_len: int | None = None) -> int:
+    """KV-cache slots: ``max_len`` (default cfg.max_len) rounded up to whole blocks."""
+    length = super().cache_len(max_len)
+    bs = self.cfg.block_size
+    return -(-length // bs) * bs
+
+  def init_state(self, batch: int, dtype=jnp.float32, *, max_len: int | None = None):
+    """An empty cache: un-rotated keys and values by position, and the position counter."""
+    length = self.cache_len(max_len)
+    shape = (batch, length, self.num_heads, self.head_dim)
+    k, v = jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+    if self.cfg.kv_memory != "device":
+      host = jax.sharding.SingleDeviceSharding(jax.devices()[0],
+                                               memory_kind=self.cfg.kv_memory)
+      k, v = jax.device_put(k, host), jax.device_put(v, host)
+    return {"k": k, "v": v, "pos": jnp.zeros((), jnp.int32)}
+
+  def _on_device(self, a):
+    if self.cfg.kv_memory == "device":
+      return a
+    return jax.device_put(a, jax.memory.Space.Device)
+
+  def _to_cache(self, a):
+    if self.cfg.kv_memory == "device":
+      return a
+    return jax.device_put(a, jax.memory.Space.Host)
+
+  def _step_one(self, q, k, v, state):
+    """One token: q / k / v [B, 1, H, Dh] un-rotated -> (o [B, 1, H, Dh], state)."""
+    bs, ex, theta = self.cfg.block_size, self.cfg.exact_len, self.cfg.rope_theta
+    kc, vc, p = state["k"], state["v"], state["pos"]
+    length = kc.shape[1]
+    nb = length // bs
+    p = jnp.minimum(p, length - 1)  # a full cache keeps overwriting its last slot
+    kc = jax.lax.dynamic_update_slice_in_dim(kc, self._to_cache(k.astype(kc.dtype)), p, 1)
+    vc = jax.lax.dynamic_update_slice_in_dim(vc, self._to_cache(v.astype(vc.dtype)), p, 1)
+    blk = p // bs
+    qr = rope(q, p, theta)
+
+    def exact(_):
+      n = min(ex, length)
+      keys = self._on_device(kc[:, :n])
+      vals = self._on_device(vc[:, :n])
+      kpos = jnp.arange(n)
+      vis = jnp.broadcast_to((kpos <= p)[None, None, :], (q.shape[0], 1, n))
+      grp = (kpos - kpos % bs)[None].astype(jnp.int32)
+      return self._exact(qr, rope(keys, kpos[None, :, None], theta), vals,
+                         p[None, None], kpos[None], vis, grp).astype(self.dtype)
+
+    def retrieve(_):
+      lk = self._on_device(jax.lax.dynamic_slice_in_dim(kc, blk * bs, bs, 1))
+      lv = self._on_device(jax.lax.dynamic_slice_in_dim(vc, blk * bs, bs, 1))
+      lm = self._on_device(kc[:, bs - 1::bs])
+      table_k = kc.reshape(kc.shape[0], nb, bs, *kc.shape[2:])
+      table_v = vc.reshape(vc.shape[0], nb, bs, *vc.shape[2:])
+      o = self._retrieve(qr, (p % bs)[None], blk, lk, lv, lm, _DeviceGather(self, table_k),
+                         _DeviceGather(self, table_v))
+      return o.astype(self.dtype)
+
+    if ex >= length:
+      o = exact(None)
+    elif ex == 0:
+      o = retrieve(None)
+    else:
+      o = jax.lax.cond(p < ex, exact, retrieve, None)
+    return o, {"k": kc, "v": vc, "pos": state["pos"] + 1}
+
+  def step(self, x: jax.Array, state):
+    """x: [B, t, D] (the next t tokens of one document per row) -> (y, new state)."""
+    self._check_x(x)
+    q, k, v = self._heads(x)
+
+    def body(st, qkv):
+      qi, ki, vi = (a[:, None] for a in qkv)
+      o, st = self._step_one(qi, ki, vi, st)
+      return st, o[:, 0]
+
+    state, o = jax.lax.scan(body, state, tuple(jnp.moveaxis(a, 1, 0) for a in (q, k, v)))
+    return self._project(jnp.moveaxis(o, 0, 1)), state
+
+  def state_size(self, batch: int, *, max_len: int | None = None) -> int:
+    """Elements of the K and V caches (``pos`` not counted)."""
+    return 2 * batch * self.cache_len(max_len) * self.num_heads * self.head_dim
+
+
+class _DeviceGather:
+  """A block table ``[B, nb, bs, H, Dh]`` whose fancy-indexed reads land on the device (the
+  table itself may live in host memory)."""
+
+  def __init__(self, layer, table):
+    self.layer, self.table = layer, table
+    self.shape = table.shape
+
+  def __getitem__(self, index):
+    if self.layer.cfg.kv_memory == "device":
+      return self.table[index]
+    # The indices go to the table's memory space, the gathered blocks come back.
+    index = tuple(jax.device_put(i, jax.memory.Space.Host) if isinstance(i, jax.Array) else i
+                  for i in index)
+    return self.layer._on_device(self.table[index])
