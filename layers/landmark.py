@@ -133,23 +133,11 @@ def _exp_where(mask, x):
   return jnp.where(mask, jnp.exp(jnp.where(mask, x, 0.0)), 0.0)
 
 
-def grouped_softmax_weights(s, q_pos, k_pos, visible, group, bs):
-  """Attention weights of the grouped softmax.
-
-  s: [B, H, Tq, Tk] fp32 scores; q_pos [B, Tq], k_pos [B, Tk]: positions in the document;
-  visible [B, Tq, Tk]: causal, same document, filled cache slot; group [B, Tk]: index (into
-  the key axis) of the first token of key j's block, so key ``group + bs - 1`` is its
-  landmark. Returns w [B, H, Tq, Tk] (rows sum to 1 over non-landmark keys).
-  """
+def _segment_lse(s, grp, group, bs):
+  """Per-block log-sum-exp of each query's scores over the block's non-landmark keys, and
+  each key's landmark score, for arbitrary block layouts (``group``: first key index of each
+  key's block): segment ops over the key axis."""
   tk = s.shape[-1]
-  qb = (q_pos // bs)[:, :, None]
-  kb = (k_pos // bs)[:, None, :]
-  is_lm = (k_pos % bs == bs - 1)[:, None, :]
-  current = visible & (kb == qb)
-  earlier = visible & (kb < qb)
-  top = ((current & ~is_lm) | (earlier & is_lm))[:, None]
-  grp = (earlier & ~is_lm)[:, None]
-  lse_top = _lse(s, top)
   # Per-block log-sum-exp of each query's scores: segment ops over the key axis.
   st = jnp.moveaxis(jnp.where(grp, s, _NEG), -1, 0)  # [Tk, B, H, Tq]
   seg = group[0] if group.shape[0] == 1 else None
@@ -171,6 +159,37 @@ def grouped_softmax_weights(s, q_pos, k_pos, visible, group, bs):
   lse_grp = jnp.moveaxis(jnp.log(jnp.maximum(take(gsum), 1e-38)) + take(gmax), 0, -1)
   lm_idx = jnp.minimum(group + bs - 1, tk - 1)  # [B, Tk]
   s_lm = jnp.take_along_axis(s, jnp.broadcast_to(lm_idx[:, None, None, :], s.shape), -1)
+  return lse_grp, s_lm
+
+
+def grouped_softmax_weights(s, q_pos, k_pos, visible, group, bs):
+  """Attention weights of the grouped softmax.
+
+  s: [B, H, Tq, Tk] fp32 scores; q_pos [B, Tq], k_pos [B, Tk]: positions in the document;
+  visible [B, Tq, Tk]: causal, same document, filled cache slot; group [B, Tk]: index (into
+  the key axis) of the first token of key j's block, so key ``group + bs - 1`` is its
+  landmark; None when key j sits at position j of one document (blocks are then reshapes
+  of the key axis, much faster than the segment ops packed rows need). Returns w [B, H, Tq, Tk] (rows sum to 1 over non-landmark keys).
+  """
+  tk = s.shape[-1]
+  qb = (q_pos // bs)[:, :, None]
+  kb = (k_pos // bs)[:, None, :]
+  is_lm = (k_pos % bs == bs - 1)[:, None, :]
+  current = visible & (kb == qb)
+  earlier = visible & (kb < qb)
+  top = ((current & ~is_lm) | (earlier & is_lm))[:, None]
+  grp = (earlier & ~is_lm)[:, None]
+  lse_top = _lse(s, top)
+  if group is None:  # one document per row, key j at position j: blocks are reshapes
+    nb = -(-tk // bs)
+    pad = lambda a, v: jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, nb * bs - tk)],
+                               constant_values=v)
+    sb = pad(s, _NEG).reshape(*s.shape[:-1], nb, bs)
+    gb = pad(grp, False).reshape(*grp.shape[:-1], nb, bs)
+    lse_grp = jnp.repeat(_lse(sb, gb), bs, axis=-1).reshape(*s.shape[:-1], nb * bs)[..., :tk]
+    s_lm = jnp.repeat(sb[..., bs - 1:], bs, axis=-1).reshape(*s.shape[:-1], nb * bs)[..., :tk]
+  else:
+    lse_grp, s_lm = _segment_lse(s, grp, group, bs)
   top_tok = top & ~is_lm[:, None]
   return (_exp_where(top_tok, s - lse_top)
           + _exp_where(grp, s_lm - lse_top + s - lse_grp))
@@ -267,9 +286,7 @@ class Landmark(Attention):
       if segment_ids is not None:
         visible = visible & (segment_ids[:, :, None] == segment_ids[:, None, :])
       visible = jnp.broadcast_to(visible, (b_, t, t))
-      group = (i[None, :] - pos % bs).astype(jnp.int32)
-      if segment_ids is None:
-        group = group[:1]
+      group = None if segment_ids is None else (i[None, :] - pos % bs).astype(jnp.int32)
       kr = rope(k, pos[:, :, None], theta)
       return self._project(self._exact(qr, kr, v, pos, pos, visible, group))
     # Exact head (positions < exact_len), then retrieval one query block at a time.
@@ -277,8 +294,7 @@ class Landmark(Attention):
     if ex:
       kr = rope(k[:, :ex], pos[:, :ex, None], theta)
       vis = jnp.broadcast_to(i[:ex, None] >= i[None, :ex], (b_, ex, ex))
-      grp = (i[None, :ex] - i[None, :ex] % bs).astype(jnp.int32)
-      parts.append(self._exact(qr[:, :ex], kr, v[:, :ex], pos[:, :ex], pos[:, :ex], vis, grp))
+      parts.append(self._exact(qr[:, :ex], kr, v[:, :ex], pos[:, :ex], pos[:, :ex], vis, None))
     tp = -(-t // bs) * bs
     pad = lambda a: jnp.pad(a, ((0, 0), (0, tp - t)) + ((0, 0),) * (a.ndim - 2))
     qp, kp, vp = pad(qr), pad(k), pad(v)
@@ -344,9 +360,8 @@ class Landmark(Attention):
       vals = self._on_device(vc[:, :n])
       kpos = jnp.arange(n)
       vis = jnp.broadcast_to((kpos <= p)[None, None, :], (q.shape[0], 1, n))
-      grp = (kpos - kpos % bs)[None].astype(jnp.int32)
       return self._exact(qr, rope(keys, kpos[None, :, None], theta), vals,
-                         p[None, None], kpos[None], vis, grp).astype(self.dtype)
+                         p[None, None], kpos[None], vis, None).astype(self.dtype)
 
     def retrieve(_):
       lk = self._on_device(jax.lax.dynamic_slice_in_dim(kc, blk * bs, bs, 1))
