@@ -166,19 +166,23 @@ def grouped_softmax_weights(s, q_pos, k_pos, visible, group, bs):
   """Attention weights of the grouped softmax.
 
   s: [B, H, Tq, Tk] fp32 scores; q_pos [B, Tq], k_pos [B, Tk]: positions in the document;
-  visible [B, Tq, Tk]: causal, same document, filled cache slot; group [B, Tk]: index (into
+  visible [B, Tq, Tk] or per head [B, H, Tq, Tk]: causal, same document, filled cache slot,
+  (retrieval) a retrieved block; group [B, Tk]: index (into
   the key axis) of the first token of key j's block, so key ``group + bs - 1`` is its
   landmark; None when key j sits at position j of one document (blocks are then reshapes
-  of the key axis, much faster than the segment ops packed rows need). Returns w [B, H, Tq, Tk] (rows sum to 1 over non-landmark keys).
+  of the key axis, much faster than the segment ops packed rows need). Returns
+  w [B, H, Tq, Tk] (rows sum to 1 over non-landmark keys).
   """
   tk = s.shape[-1]
-  qb = (q_pos // bs)[:, :, None]
-  kb = (k_pos // bs)[:, None, :]
-  is_lm = (k_pos % bs == bs - 1)[:, None, :]
+  if visible.ndim == 3:
+    visible = visible[:, None]
+  qb = (q_pos // bs)[:, None, :, None]
+  kb = (k_pos // bs)[:, None, None, :]
+  is_lm = (k_pos % bs == bs - 1)[:, None, None, :]
   current = visible & (kb == qb)
   earlier = visible & (kb < qb)
-  top = ((current & ~is_lm) | (earlier & is_lm))[:, None]
-  grp = (earlier & ~is_lm)[:, None]
+  top = (current & ~is_lm) | (earlier & is_lm)
+  grp = earlier & ~is_lm
   lse_top = _lse(s, top)
   if group is None:  # one document per row, key j at position j: blocks are reshapes
     nb = -(-tk // bs)
@@ -190,7 +194,7 @@ def grouped_softmax_weights(s, q_pos, k_pos, visible, group, bs):
     s_lm = jnp.repeat(sb[..., bs - 1:], bs, axis=-1).reshape(*s.shape[:-1], nb * bs)[..., :tk]
   else:
     lse_grp, s_lm = _segment_lse(s, grp, group, bs)
-  top_tok = top & ~is_lm[:, None]
+  top_tok = top & ~is_lm
   return (_exp_where(top_tok, s - lse_top)
           + _exp_where(grp, s_lm - lse_top + s - lse_grp))
 
@@ -271,6 +275,43 @@ class Landmark(Attention):
     o = jnp.einsum("bhqk,bkhd->bqhd", w_loc.astype(dt), local_v.astype(dt))
     return o + jnp.einsum("bhqrk,bhqrkd->bqhd", w_blk.astype(dt), gv.astype(dt))
 
+  def _packed_retrieval_scores(self, q, k, qr, kr, pos, visible, group):
+    """Dense [T, T] form of top-k retrieval for packed rows (documents start anywhere, so
+    blocks are not reshapes). Queries at document positions < exact_len keep the exact
+    scores and mask. A key in a retrieved block sits ``m * bs`` before the query's block
+    once remapped (``m = n - r`` for the r-th of n retrieved, chronologically), so its score
+    is ``q`` rotated at ``offset_q + m * bs`` against ``k`` rotated at ``offset_k``: one
+    score matrix per ``m`` in 0..top_k (0: the query's own block). Returns (s, visible)."""
+    bs, ex, theta, kk = self.cfg.block_size, self.cfg.exact_len, self.cfg.rope_theta, \
+        self.cfg.top_k
+    t = q.shape[1]
+    off = pos % bs
+    blk = pos // bs
+    k_off = rope(k, off[:, :, None], theta)
+    s_m = jnp.stack([self._scores(rope(q, (off + m * bs)[:, :, None], theta), k_off)
+                     for m in range(kk + 1)])  # [k+1, B, H, T, T]
+    is_lm = (off == bs - 1)[:, None, :]
+    earlier = visible & (blk[:, None, :] < blk[:, :, None])
+    # Ranking: every candidate landmark at the slot just before the query's block.
+    sel = self._scores(rope(q, (off + bs)[:, :, None], theta), k_off)  # distance off + 1
+    sel = jnp.where((earlier & is_lm)[:, None], sel, -jnp.inf)
+    top_s, top_i = jax.lax.top_k(sel, min(kk, t))  # [B, H, T, k]
+    valid = top_s > -jnp.inf
+    n = valid.sum(-1, keepdims=True)
+    rank = jnp.sum(valid[..., None, :] & (top_i[..., None, :] < top_i[..., :, None]), -1)
+    dist = jnp.where(valid, n - rank, 0)  # m of each retrieved block
+    lm_of_key = jnp.minimum(group + bs - 1, t - 1)[:, None, None, :, None]  # [B,1,1,T,1]
+    hit = valid[..., None, :] & (lm_of_key == top_i[..., None, :])  # [B, H, T, T, k]
+    m_ij = jnp.sum(jnp.where(hit, dist[..., None, :], 0), -1)  # [B, H, T, T]
+    chosen = hit.any(-1) & earlier[:, None]
+    s_ret = jnp.take_along_axis(s_m, m_ij[None], 0)[0]
+    local = visible & (blk[:, None, :] == blk[:, :, None])
+    retr_q = (pos >= ex)[:, None, :, None]
+    s_true = self._scores(qr, kr)
+    s = jnp.where(retr_q, s_ret, s_true)
+    vis = jnp.where(retr_q, chosen | local[:, None], visible[:, None])
+    return s, vis
+
   # ---------------------------------------------------------------- contract
   def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
     """x: [B, T, D]; segment_ids: [B, T] or None -> [B, T, D]."""
@@ -288,7 +329,12 @@ class Landmark(Attention):
       visible = jnp.broadcast_to(visible, (b_, t, t))
       group = None if segment_ids is None else (i[None, :] - pos % bs).astype(jnp.int32)
       kr = rope(k, pos[:, :, None], theta)
-      return self._project(self._exact(qr, kr, v, pos, pos, visible, group))
+      if segment_ids is None or t <= ex:
+        return self._project(self._exact(qr, kr, v, pos, pos, visible, group))
+      s, visible = self._packed_retrieval_scores(q, k, qr, kr, pos, visible, group)
+      w = grouped_softmax_weights(s, pos, pos, visible, group, bs)
+      return self._project(jnp.einsum("bhqk,bkhd->bqhd", w.astype(self.dtype),
+                                      v.astype(self.dtype)))
     # Exact head (positions < exact_len), then retrieval one query block at a time.
     parts = []
     if ex:

@@ -24,6 +24,8 @@ DOC_A, DOC_B = 5, 7  # packed row: document 1 then document 2, DOC_A + DOC_B == 
 OVERRIDES = {
     "attention": {"num_heads": 2},
     "swa": {"num_heads": 4, "num_kv_heads": 2, "window": 4},
+    "landmark": {"num_heads": 4, "num_kv_heads": 2, "block_size": 4, "exact_len": 4,
+                 "top_k": 1},
     "s4d": {"d_state": 8, "chunk_size": 4},
     "mamba": {"d_state": 4, "chunk_size": 4},
     "mamba2": {"d_state": 8, "head_dim": 8, "chunk_size": 4, "impl": "xla"},
