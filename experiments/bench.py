@@ -86,6 +86,8 @@ _CONTEXTS = flags.DEFINE_list("contexts", ["1024", "32768"], "Context lengths.")
 _D_MODEL = flags.DEFINE_integer("d_model", 128, "Model width.")
 _LAYERS = flags.DEFINE_integer("num_layers", 2, "Layers.")
 _TOKENS = flags.DEFINE_integer("tokens", 32, "Decode steps per timing.")
+_DECODE_LEVEL = flags.DEFINE_enum("decode_level", "lm", ["lm", "mixer"],
+                                  "decode: time an LM's greedy decoding or one mixer's step.")
 _REPEATS = flags.DEFINE_integer("repeats", 7, "Timings per point (median).")
 _OUT = flags.DEFINE_string("out", "", "Write <out>.json and <out>.png when given.")
 # --what=kernels
@@ -141,9 +143,10 @@ _SWA_DENSE_QB = flags.DEFINE_integer(
     "[B,H,T,T] fp32 temporaries fit in a quarter of the available memory, else blocked.")
 
 
-def _lm(name: str, d_model: int, num_layers: int) -> model_lib.LM:
+def _lm(name: str, d_model: int, num_layers: int, scan_layers: bool = True) -> model_lib.LM:
   c = config_lib.base_config().model
   c.vocab_size, c.d_model, c.num_layers, c.pattern = 256, d_model, num_layers, name
+  c.scan_layers = scan_layers
   c.mixers = ml_collections.ConfigDict({})
   return model_lib.LM(c, rngs=nnx.Rngs(0))
 
@@ -152,11 +155,35 @@ def _state_bytes(state) -> int:
   return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state)))
 
 
-def decode_benchmark(mixers, contexts, *, d_model, num_layers, tokens, repeats):
-  """{mixer: {context: {"ms_per_token", "state_bytes"}}} plus growth ratios."""
+def _at_context(state, ctx: int):
+  """The state as if ``ctx`` tokens had been seen: every mixer's ``pos`` counter (and the
+  LM's real-token count) set to ``ctx``; the cache contents stay zeros (same cost). Mixers
+  whose per-token cost depends on the position, not on the cache capacity (landmark: exact
+  grouped softmax below ``exact_len``, retrieval above), are timed at the context asked."""
+  def visit(x):
+    if isinstance(x, dict):
+      return {k: (jnp.full_like(v, ctx) if k in ("pos", "tokens") else visit(v))
+              for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+      return type(x)(visit(v) for v in x)
+    return x
+  return visit(state)
+
+
+def decode_benchmark(mixers, contexts, *, d_model, num_layers, tokens, repeats,
+                     level: str = "lm"):
+  """{mixer: {context: {"ms_per_token", "state_bytes"}}} plus growth ratios.
+
+  ``level="lm"``: greedy decoding of a ``num_layers`` LM; ``"mixer"``: one mixer's ``step``
+  alone, its output fed back (normalised) as the next input."""
   cases = {}
   for name in mixers:
-    model = _lm(name, d_model, num_layers)
+    if level == "mixer":
+      model = registry.create(name, d_model=d_model, rngs=nnx.Rngs(0))
+    else:
+      # Layers unrolled: a scanned layer stack re-materialises every layer's KV cache as a
+      # scan output at each token, an O(context) copy that would hide what the mixer costs.
+      model = _lm(name, d_model, num_layers, scan_layers=False)
     graphdef, params = nnx.split(model)
     params = nnx.to_pure_dict(params)
 
@@ -164,14 +191,17 @@ def decode_benchmark(mixers, contexts, *, d_model, num_layers, tokens, repeats):
     def run(params, state, tok, graphdef=graphdef):
       def body(carry, _):
         t, s = carry
-        logits, s = nnx.merge(graphdef, params).step(t, s)
-        return (jnp.argmax(logits[:, -1:], -1).astype(jnp.int32), s), None
+        out, s = nnx.merge(graphdef, params).step(t, s)
+        if level == "mixer":
+          return (out / (jnp.linalg.norm(out) + 1e-6), s), None
+        return (jnp.argmax(out[:, -1:], -1).astype(jnp.int32), s), None
       (t, s), _ = jax.lax.scan(body, (tok, state), None, length=tokens)
       return t, s
 
     for ctx in contexts:
-      state = model.init_state(1, max_len=ctx + tokens)
-      tok = jnp.zeros((1, 1), jnp.int32)
+      state = _at_context(model.init_state(1, max_len=ctx + tokens), ctx)
+      tok = (jax.random.normal(jax.random.key(0), (1, 1, d_model)) if level == "mixer"
+             else jnp.zeros((1, 1), jnp.int32))
       jax.block_until_ready(run(params, state, tok))  # compile + warm up
       cases[(name, ctx)] = (run, params, state, tok, _state_bytes(state))
   times = {k: [] for k in cases}
@@ -1054,9 +1084,10 @@ def main(argv):
   contexts = [int(c) for c in _CONTEXTS.value]
   result = decode_benchmark(_MIXERS.value, contexts, d_model=_D_MODEL.value,
                             num_layers=_LAYERS.value, tokens=_TOKENS.value,
-                            repeats=_REPEATS.value)
-  report = {"what": "decode", "d_model": _D_MODEL.value, "num_layers": _LAYERS.value,
-            "batch": 1, "backend": jax.default_backend(), "result": result}
+                            repeats=_REPEATS.value, level=_DECODE_LEVEL.value)
+  report = {"what": "decode", "level": _DECODE_LEVEL.value, "d_model": _D_MODEL.value,
+            "num_layers": _LAYERS.value, "batch": 1, "backend": jax.default_backend(),
+            "load_average": os.getloadavg()[0], "result": result}
   _write(report, lambda path: _plot(result, contexts, path))
 
 

@@ -437,6 +437,9 @@ class Landmark(Attention):
       o, st = self._step_one(qi, ki, vi, st)
       return st, o[:, 0]
 
+    if x.shape[1] == 1:  # decode: no loop, so the cache is updated in place
+      o, state = self._step_one(q, k, v, state)
+      return self._project(o), state
     state, o = jax.lax.scan(body, state, tuple(jnp.moveaxis(a, 1, 0) for a in (q, k, v)))
     return self._project(jnp.moveaxis(o, 0, 1)), state
 

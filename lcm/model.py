@@ -239,6 +239,9 @@ class LM(nnx.Module):
                         lambda s, p: s, st, p)
       return (st, n, p), logits[:, 0]
 
+    if x.shape[1] == 1:  # decode: no loop around the caches
+      (layers, n, _), logits = one((state["layers"], state["tokens"], params), x[:, 0])
+      return logits[:, None], {"layers": layers, "tokens": n}
     (layers, n, _), logits = jax.lax.scan(one, (state["layers"], state["tokens"], params),
                                           jnp.moveaxis(x, 1, 0))
     return jnp.moveaxis(logits, 0, 1), {"layers": layers, "tokens": n}

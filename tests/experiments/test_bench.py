@@ -4,6 +4,7 @@ claims)."""
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -158,3 +159,17 @@ def test_swa_benchmark_bookkeeping_and_dense_baseline():
   assert dn["query_block"] == 16 and "16" in dn["note"]
   (tg,) = r["targets"]
   assert tg["pass"] is None and "T=64" in tg["note"] and r["all_targets_pass"] is False
+
+
+@pytest.mark.parametrize("level", ["mixer", "lm"])
+def test_decode_benchmark_times_landmark_at_the_context_asked(level):
+  from experiments import bench  # pylint: disable=g-import-not-at-top
+  r = bench.decode_benchmark(["landmark"], [64, 256], d_model=16, num_layers=1, tokens=2,
+                             repeats=1, level=level)
+  lm = r["landmark"]
+  assert set(lm) >= {"64", "256", "latency_growth", "memory_growth"}
+  assert lm["64"]["ms_per_token"] > 0 and lm["256"]["state_bytes"] > lm["64"]["state_bytes"]
+  # _at_context moves every position counter, so retrieval (not the empty cache) is timed.
+  st = bench._at_context({"layers": [[{"pos": jnp.zeros((), jnp.int32)}]],
+                          "tokens": jnp.zeros((), jnp.int32)}, 300)
+  assert int(st["layers"][0][0]["pos"]) == 300 and int(st["tokens"]) == 300
