@@ -1,0 +1,26 @@
+"""experiments/reproduce_landmark.py: the evaluation model is the trained one in retrieval
+mode, and equals it while top-k covers every block."""
+
+import jax
+import numpy as np
+from flax import nnx
+
+from experiments import reproduce_landmark
+from lcm import config as config_lib
+from lcm import model as model_lib
+
+
+def test_retrieval_model_shares_weights_and_matches_exact_mode_when_k_covers_all():
+  c = reproduce_landmark.mixer_config("landmark", train_len=40, steps=10, batch_size=2,
+                                      block_size=4, top_k=2)
+  c.model.d_model = 16
+  config_lib.validate(c, num_devices=1)
+  c = config_lib.resolve(c)
+  assert c.model.mixers.landmark["exact_len"] >= 40 + 40 // 3  # training is exact
+  trained = model_lib.LM(c.model, rngs=nnx.Rngs(0))
+  tok = jax.random.randint(jax.random.key(0), (1, 40), 0, c.data.vocab_size)
+  want = np.asarray(trained(tok))
+  every = reproduce_landmark.retrieval_model(trained, c, exact_len=0, top_k=16)
+  np.testing.assert_allclose(np.asarray(every(tok)), want, atol=2e-5, rtol=0)
+  few = reproduce_landmark.retrieval_model(trained, c, exact_len=0, top_k=1)
+  assert np.abs(np.asarray(few(tok)) - want).max() > 1e-3  # retrieval really acts
