@@ -228,18 +228,27 @@ class LM(nnx.Module):
       return self._step_layers(self._embed(tokens), state)
     x = self._embed(tokens)
     lm = jnp.broadcast_to(self.landmark[...].astype(x.dtype), x[:, :1].shape)
-    graphdef, params = nnx.split(self)  # carried, so scan / cond trace them at their level
+    graphdef, params = nnx.split(self)  # carried, so the loops trace them at their level
+    v = self.embed.shape[0]  # vocabulary
 
-    def one(carry, xi):  # a token, then (after every ``landmark_every``-th) a landmark
+    def one(carry, xi):
+      """A token, then (after every ``landmark_every``-th) a landmark: one or two passes of
+      a while loop (a ``lax.cond`` around the layers would copy every KV cache per token)."""
       st, n, p = carry
-      logits, st = nnx.merge(graphdef, p)._step_layers(xi[:, None], st)
       n = n + 1
-      st = jax.lax.cond(n % self.landmark_every == 0,
-                        lambda s, p: nnx.merge(graphdef, p)._step_layers(lm, s)[1],
-                        lambda s, p: s, st, p)
-      return (st, n, p), logits[:, 0]
+      passes = 1 + (n % self.landmark_every == 0).astype(jnp.int32)
 
-    if x.shape[1] == 1:  # decode: no loop around the caches
+      def body(c):
+        i, s, lg, pp = c
+        inp = jnp.where(i == 0, xi[:, None], lm)
+        out, s = nnx.merge(graphdef, pp)._step_layers(inp, s)
+        return i + 1, s, jnp.where(i == 0, out[:, 0], lg), pp
+
+      init = (jnp.zeros((), jnp.int32), st, jnp.zeros((xi.shape[0], v), jnp.float32), p)
+      _, st, logits, _ = jax.lax.while_loop(lambda c: c[0] < passes, body, init)
+      return (st, n, p), logits
+
+    if x.shape[1] == 1:  # decode: no scan around the caches
       (layers, n, _), logits = one((state["layers"], state["tokens"], params), x[:, 0])
       return logits[:, None], {"layers": layers, "tokens": n}
     (layers, n, _), logits = jax.lax.scan(one, (state["layers"], state["tokens"], params),
