@@ -62,6 +62,7 @@ def plot(best: list[dict], out_dir: str, title: str) -> None:
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  best = [r for r in best if r.get("best_accuracy") is not None]  # failed runs: no point
   mixers = list(dict.fromkeys(r["model.pattern"] for r in best))
   for xkey, fname, xlabel, log in (
       ("model.d_model", "accuracy_vs_width.png", "model width (d_model)", True),
@@ -102,7 +103,9 @@ def main(argv):
              f"steps, batch 64, lr in {{{', '.join(_LRS.value)}}}")
   note = (f"Made by `python -m experiments.reproduce_zoology` ({setting}; held-out accuracy "
           "on 1024 examples, best over evaluations and learning rates; 2-core CPU)."
-          + (f" Not registered, so not run: {', '.join(missing)}." if missing else ""))
+          + (f" Not registered, so not run: {', '.join(missing)}." if missing else "")
+          + "".join(f" FAILED (run again to retry): {os.path.basename(r['workdir'])}: {r['error']}."
+                    for r in rows if r.get("error")))
   text = sweep.write_table(best, _OUT.value, ["model.pattern", "model.d_model", "train.lr"],
                            columns=("best_accuracy", "best_step", "num_params", "state_size",
                                     "tokens_per_second"),

@@ -169,7 +169,15 @@ def run_grid(base: ml_collections.ConfigDict, points: Iterable[dict[str, Any]], 
     status = "done before" if summary is not None else "training"
     log(f"[{i + 1}/{len(points)}] {point_name(overrides)}: {status}")
     if summary is None:
-      summary = train_fn(c, workdir)
+      try:
+        summary = train_fn(c, workdir)
+      except Exception as e:  # pylint: disable=broad-exception-caught
+        # One diverged or broken run must not end a long sweep: it is reported (the row's
+        # `error`) and skipped; running the sweep again retries it (it is not finished).
+        log(f"[{i + 1}/{len(points)}] {point_name(overrides)}: FAILED: {type(e).__name__}: {e}")
+        rows.append({**overrides, "workdir": workdir, "best_accuracy": None,
+                     "best_step": None, "error": f"{type(e).__name__}: {e}"})
+        continue
     history = eval_history(workdir)
     best = (max(history, key=lambda r: r.get("accuracy", float("-inf"))) if history
             else {"accuracy": summary.get("eval_accuracy"), "step": summary.get("steps")})

@@ -115,26 +115,28 @@ class AttentionConfig:
           f"must be an integer >= 1 (got {self.block_size!r})")
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-  """Rotary embedding, rotate-half convention (Su et al. 2021).
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding, rotate-half convention (Su et al. 2021), for any leading shape.
 
-  x: [B, T, H, Dh] (Dh even); positions: [B, T] or [T] integer positions. Dimension pair
-  (i, i + Dh/2) is rotated by the angle ``pos * theta**(-2i/Dh)``. Computed in fp32, returned
-  in x.dtype. ``theta == 0`` returns x unchanged.
+  x: [..., Dh] (Dh even); positions: integer positions broadcastable to ``x.shape[:-1]``.
+  Dimension pair (i, i + Dh/2) is rotated by the angle ``pos * theta**(-2i/Dh)``. Computed
+  in fp32, returned in x.dtype. ``theta == 0`` returns x unchanged.
   """
   if theta == 0:
     return x
-  dh = x.shape[-1]
-  half = dh // 2
-  inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / dh)
-  positions = jnp.broadcast_to(positions, x.shape[:2])
-  ang = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, half]
-  cos = jnp.cos(ang)[:, :, None, :]
-  sin = jnp.sin(ang)[:, :, None, :]
+  half = x.shape[-1] // 2
+  inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / x.shape[-1])
+  # cos/sin at the positions' own shape (e.g. once for all heads), broadcast against x.
+  ang = jnp.asarray(positions).astype(jnp.float32)[..., None] * inv_freq
+  cos, sin = jnp.cos(ang), jnp.sin(ang)
   x32 = x.astype(jnp.float32)
   x1, x2 = x32[..., :half], x32[..., half:]
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x.dtype)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """:func:`rope` for x [B, T, H, Dh] with positions [B, T] or [T] (shared by the heads)."""
+  return rope(x, jnp.broadcast_to(positions, x.shape[:2])[:, :, None], theta)
 
 
 class Attention(nnx.Module):

@@ -65,7 +65,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from layers.attention import Attention, AttentionConfig, _is_int
+from layers.attention import Attention, AttentionConfig, _is_int, rope
 from layers.common import ConfigError, check, segment_positions
 
 _NEG = -1e30
@@ -104,20 +104,6 @@ class LandmarkConfig(AttentionConfig):
           f"(got {self.exact_len!r})")
     check(self.kv_memory in KV_MEMORY, "kv_memory",
           f"must be one of {KV_MEMORY} (got {self.kv_memory!r})")
-
-
-def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-  """RoPE (rotate-half, as ``layers.attention.apply_rope``) for any leading shape:
-  x [..., Dh], positions broadcastable to x.shape[:-1]."""
-  if theta == 0:
-    return x
-  half = x.shape[-1] // 2
-  inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / x.shape[-1])
-  ang = jnp.broadcast_to(positions, x.shape[:-1]).astype(jnp.float32)[..., None] * inv_freq
-  cos, sin = jnp.cos(ang), jnp.sin(ang)
-  x32 = x.astype(jnp.float32)
-  x1, x2 = x32[..., :half], x32[..., half:]
-  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
 
 
 def _lse(s, mask, axis=-1):

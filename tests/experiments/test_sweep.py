@@ -74,3 +74,26 @@ def test_run_grid_resumes_and_writes_the_table(tmp_path):
   with open(tmp_path / "out" / "t.csv", encoding="utf-8") as f:
     got = list(csv.DictReader(f))
   assert [float(r["best_accuracy"]) for r in got] == [0.5, 0.9]
+
+
+def test_a_failing_run_is_reported_and_the_sweep_goes_on(tmp_path):
+  trained, logs = [], []
+
+  def flaky_train(c, workdir):
+    if c.model.d_model == 32:
+      raise FloatingPointError("loss is nan at step 1")
+    trained.append(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    s = {"steps": c.train.steps, "eval_accuracy": 0.75, "eval_loss": 1.0, "config": {}}
+    with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
+      json.dump(s, f)
+    return s
+
+  points = sweep.expand_grid({"model.d_model": [32, 64]})
+  rows = sweep.run_grid(mqar.get_config(), points, str(tmp_path), train_fn=flaky_train,
+                        log=logs.append)
+  assert len(trained) == 1  # the point after the failure still ran
+  assert rows[0]["best_accuracy"] is None
+  assert rows[0]["error"] == "FloatingPointError: loss is nan at step 1"
+  assert rows[1]["best_accuracy"] == 0.75 and "error" not in rows[1]
+  assert any("d_model=32: FAILED" in line for line in logs)
