@@ -46,12 +46,11 @@ from flax import nnx
 
 from kernels.block_sparse import block_sparse_attention, sliding_window_blocks
 from layers.common import ConfigError, Linear, check, dense_init, param, segment_positions
+from layers.common import is_int
 
 _NEG_INF = -1e30  # finite, so a (never expected) fully masked row cannot produce NaNs
 
 
-def _is_int(v: Any) -> bool:
-  return isinstance(v, int) and not isinstance(v, bool)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,12 +80,12 @@ class AttentionConfig:
 
   def validate(self, d_model: int) -> None:
     """Raises ConfigError(field, message) for the first invalid field."""
-    check(_is_int(d_model) and d_model >= 1, "d_model",
+    check(is_int(d_model) and d_model >= 1, "d_model",
           f"must be a positive integer (got {d_model!r})")
-    check(_is_int(self.num_heads) and self.num_heads >= 1, "num_heads",
+    check(is_int(self.num_heads) and self.num_heads >= 1, "num_heads",
           f"must be a positive integer (got {self.num_heads!r})")
     if self.num_kv_heads is not None:
-      check(_is_int(self.num_kv_heads) and self.num_kv_heads >= 1, "num_kv_heads",
+      check(is_int(self.num_kv_heads) and self.num_kv_heads >= 1, "num_kv_heads",
             f"must be None or a positive integer (got {self.num_kv_heads!r})")
       check(self.num_heads % self.num_kv_heads == 0, "num_kv_heads",
             f"must divide num_heads={self.num_heads} (got {self.num_kv_heads})")
@@ -96,7 +95,7 @@ class AttentionConfig:
             "or set head_dim explicitly")
       head_dim = d_model // self.num_heads
     else:
-      check(_is_int(self.head_dim) and self.head_dim >= 1, "head_dim",
+      check(is_int(self.head_dim) and self.head_dim >= 1, "head_dim",
             f"must be None or a positive integer (got {self.head_dim!r})")
       head_dim = self.head_dim
     check(isinstance(self.rope_theta, (int, float)) and not isinstance(self.rope_theta, bool)
@@ -107,11 +106,11 @@ class AttentionConfig:
             f"must be even when RoPE is on (got head_dim={head_dim}); "
             "set an even head_dim or rope_theta=0")
     if self.window is not None:
-      check(_is_int(self.window) and self.window >= 1, "window",
+      check(is_int(self.window) and self.window >= 1, "window",
             f"must be None or an integer >= 1 (got {self.window!r})")
-    check(_is_int(self.max_len) and self.max_len >= 1, "max_len",
+    check(is_int(self.max_len) and self.max_len >= 1, "max_len",
           f"must be an integer >= 1 (got {self.max_len!r})")
-    check(_is_int(self.block_size) and self.block_size >= 1, "block_size",
+    check(is_int(self.block_size) and self.block_size >= 1, "block_size",
           f"must be an integer >= 1 (got {self.block_size!r})")
 
 
@@ -223,7 +222,7 @@ class Attention(nnx.Module):
   def cache_len(self, max_len: int | None = None) -> int:
     """Number of KV-cache slots L for a cache built with ``max_len`` (default cfg.max_len)."""
     max_len = self.cfg.max_len if max_len is None else max_len
-    if not _is_int(max_len) or max_len < 1:
+    if not is_int(max_len) or max_len < 1:
       raise ConfigError("max_len", f"must be an integer >= 1 (got {max_len!r})")
     return max_len if self.cfg.window is None else min(self.cfg.window, max_len)
 

@@ -11,6 +11,7 @@ Conventions every layer follows:
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Sequence
 
 import jax
@@ -32,6 +33,39 @@ def check(cond: bool, field: str, message: str) -> None:
   """Raises ConfigError(field, message) unless cond."""
   if not cond:
     raise ConfigError(field, message)
+
+
+# Validators shared by the layer configs' ``validate`` methods (each names its field).
+
+
+def is_int(v: Any) -> bool:
+  """An int that is not a bool."""
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_num(v: Any) -> bool:
+  """A finite int or float that is not a bool."""
+  return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_pos_int(v: Any, field: str) -> None:
+  check(is_int(v) and v >= 1, field, f"must be a positive integer (got {v!r})")
+
+
+def check_bool(v: Any, field: str) -> None:
+  check(isinstance(v, bool), field, f"must be True or False (got {v!r})")
+
+
+def check_positive(v: Any, field: str) -> None:
+  check(is_num(v) and v > 0, field, f"must be a finite number > 0 (got {v!r})")
+
+
+def check_finite(v: Any, field: str) -> None:
+  check(is_num(v), field, f"must be a finite number (got {v!r})")
+
+
+def check_d_model(d_model: Any) -> None:
+  check_pos_int(d_model, "d_model")
 
 
 def param(

@@ -65,8 +65,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from layers.attention import Attention, AttentionConfig, _is_int, rope
-from layers.common import ConfigError, check, segment_positions
+from layers.attention import Attention, AttentionConfig, rope
+from layers.common import ConfigError, check, is_int, segment_positions
 
 _NEG = -1e30
 KV_MEMORY = ("device", "pinned_host")
@@ -94,11 +94,11 @@ class LandmarkConfig(AttentionConfig):
   def validate(self, d_model: int) -> None:
     super().validate(d_model)
     check(self.window is None, "window", f"must be None for landmark (got {self.window!r})")
-    check(_is_int(self.block_size) and self.block_size >= 2, "block_size",
+    check(is_int(self.block_size) and self.block_size >= 2, "block_size",
           f"must be an integer >= 2 (got {self.block_size!r})")
-    check(_is_int(self.top_k) and self.top_k >= 1, "top_k",
+    check(is_int(self.top_k) and self.top_k >= 1, "top_k",
           f"must be an integer >= 1 (got {self.top_k!r})")
-    check(_is_int(self.exact_len) and self.exact_len >= 0
+    check(is_int(self.exact_len) and self.exact_len >= 0
           and self.exact_len % self.block_size == 0, "exact_len",
           f"must be a non-negative multiple of block_size={self.block_size} "
           f"(got {self.exact_len!r})")

@@ -48,6 +48,7 @@ from layers import feature_maps as fm
 from layers.attention import Attention, AttentionConfig, apply_rope
 from layers.common import (ConfigError, GatedRMSNorm, Linear, RMSNorm, ShortConv, check,
                            dense_init, param, segment_positions)
+from layers.common import check_bool, check_d_model, check_pos_int, check_positive, is_num
 
 __all__ = [
     "LinearAttention", "LinearAttentionConfig", "RetNet", "RetNetConfig", "GLA", "GLAConfig",
@@ -61,50 +62,37 @@ __all__ = [
 # ----------------------------------------------------------------------------------
 
 
-def _is_int(v: Any) -> bool:
-  return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_num(v: Any) -> bool:
-  return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _pos_int(v: Any, field: str) -> None:
-  check(_is_int(v) and v >= 1, field, f"must be a positive integer (got {v!r})")
 
 
-def _boolean(v: Any, field: str) -> None:
-  check(isinstance(v, bool), field, f"must be True or False (got {v!r})")
 
 
-def _positive(v: Any, field: str) -> None:
-  check(_is_num(v) and v > 0, field, f"must be a finite number > 0 (got {v!r})")
 
 
-def _check_d_model(d_model: Any) -> None:
-  check(_is_int(d_model) and d_model >= 1, "d_model",
-        f"must be a positive integer (got {d_model!r})")
 
 
 def _check_kernel_opts(cfg) -> None:
-  _pos_int(cfg.chunk_size, "chunk_size")
+  check_pos_int(cfg.chunk_size, "chunk_size")
   check(cfg.impl in IMPLS, "impl", f"must be one of {', '.join(IMPLS)} (got {cfg.impl!r})")
 
 
 def _head_dim(d_model: int, num_heads: int, head_dim: Any, field: str = "head_dim") -> int:
   """Validated per-head width: ``head_dim`` or ``d_model // num_heads``."""
-  _pos_int(num_heads, "num_heads")
+  check_pos_int(num_heads, "num_heads")
   if head_dim is None:
     check(d_model % num_heads == 0, "num_heads",
           f"must divide d_model={d_model} (got {num_heads}); or set {field} explicitly")
     return d_model // num_heads
-  _pos_int(head_dim, field)
+  check_pos_int(head_dim, field)
   return head_dim
 
 
 def _expanded(base: int, ratio: Any, field: str, what: str) -> int:
   """``base * ratio`` as an integer, or ConfigError(field)."""
-  check(_is_num(ratio) and ratio > 0, field, f"must be a finite number > 0 (got {ratio!r})")
+  check(is_num(ratio) and ratio > 0, field, f"must be a finite number > 0 (got {ratio!r})")
   value = base * ratio
   check(abs(value - round(value)) < 1e-6 and round(value) >= 1, field,
         f"{what} = {base} * {ratio} = {value} must be a positive integer")
@@ -114,14 +102,14 @@ def _expanded(base: int, ratio: Any, field: str, what: str) -> int:
 def _check_feature_map(cfg) -> None:
   check(cfg.feature_map in fm.FEATURE_MAPS, "feature_map",
         f"must be one of {', '.join(fm.FEATURE_MAPS)} (got {cfg.feature_map!r})")
-  _boolean(cfg.taylor_upper, "taylor_upper")
-  _boolean(cfg.normalize, "normalize")
+  check_bool(cfg.taylor_upper, "taylor_upper")
+  check_bool(cfg.normalize, "normalize")
   if cfg.normalize:
     check(cfg.feature_map in fm.POSITIVE_FEATURE_MAPS, "normalize",
           f"needs a positive feature map ({', '.join(fm.POSITIVE_FEATURE_MAPS)}); the "
           f"denominator phi(q).sum phi(k) of feature_map={cfg.feature_map!r} can be 0 or "
           "negative. Set normalize=False or change feature_map")
-  _positive(cfg.eps, "eps")
+  check_positive(cfg.eps, "eps")
 
 
 # ----------------------------------------------------------------------------------
@@ -214,13 +202,13 @@ class LinearAttentionConfig:
   impl: str = "auto"
 
   def validate(self, d_model: int) -> None:
-    _check_d_model(d_model)
+    check_d_model(d_model)
     dv = _head_dim(d_model, self.num_heads, self.head_dim)
     if self.feature_dim is not None:
-      _pos_int(self.feature_dim, "feature_dim")
+      check_pos_int(self.feature_dim, "feature_dim")
     del dv
     _check_feature_map(self)
-    _boolean(self.out_norm, "out_norm")
+    check_bool(self.out_norm, "out_norm")
     _check_kernel_opts(self)
 
 
@@ -317,16 +305,16 @@ class RetNetConfig:
   impl: str = "auto"
 
   def validate(self, d_model: int) -> None:
-    _check_d_model(d_model)
+    check_d_model(d_model)
     dk = _head_dim(d_model, self.num_heads, self.head_dim)
     _expanded(dk, self.expand_v, "expand_v", "head_dim * expand_v")
-    check(_is_num(self.rope_theta) and self.rope_theta >= 0, "rope_theta",
+    check(is_num(self.rope_theta) and self.rope_theta >= 0, "rope_theta",
           f"must be a finite number >= 0, 0 disables RoPE (got {self.rope_theta!r})")
     if self.rope_theta > 0:
       check(dk % 2 == 0, "head_dim", f"must be even when RoPE is on (got head_dim={dk}); "
             "set an even head_dim or rope_theta=0")
-    _boolean(self.use_output_gate, "use_output_gate")
-    _positive(self.norm_eps, "norm_eps")
+    check_bool(self.use_output_gate, "use_output_gate")
+    check_positive(self.norm_eps, "norm_eps")
     _check_kernel_opts(self)
 
 
@@ -445,7 +433,7 @@ class GLAConfig:
 
   def dims(self, d_model: int) -> tuple[int, int]:
     """(Dk, Dv) per head."""
-    _pos_int(self.num_heads, "num_heads")
+    check_pos_int(self.num_heads, "num_heads")
     key = _expanded(d_model, self.expand_k, "expand_k", "d_model * expand_k")
     val = _expanded(d_model, self.expand_v, "expand_v", "d_model * expand_v")
     check(key % self.num_heads == 0, "expand_k",
@@ -455,17 +443,17 @@ class GLAConfig:
     return key // self.num_heads, val // self.num_heads
 
   def validate(self, d_model: int) -> None:
-    _check_d_model(d_model)
+    check_d_model(d_model)
     self.dims(d_model)
-    _pos_int(self.gate_low_rank_dim, "gate_low_rank_dim")
-    _positive(self.gate_logit_normalizer, "gate_logit_normalizer")
+    check_pos_int(self.gate_low_rank_dim, "gate_low_rank_dim")
+    check_positive(self.gate_logit_normalizer, "gate_logit_normalizer")
     if self.clamp_min is not None:
-      check(_is_num(self.clamp_min) and self.clamp_min < 0, "clamp_min",
+      check(is_num(self.clamp_min) and self.clamp_min < 0, "clamp_min",
             f"must be None or a finite number < 0 (a log forget gate; got {self.clamp_min!r})")
-    _boolean(self.use_output_gate, "use_output_gate")
-    _boolean(self.use_short_conv, "use_short_conv")
-    _pos_int(self.conv_size, "conv_size")
-    _positive(self.norm_eps, "norm_eps")
+    check_bool(self.use_output_gate, "use_output_gate")
+    check_bool(self.use_short_conv, "use_short_conv")
+    check_pos_int(self.conv_size, "conv_size")
+    check_positive(self.norm_eps, "norm_eps")
     _check_kernel_opts(self)
 
 
@@ -628,12 +616,12 @@ class DeltaNetConfig:
     return dk, _expanded(dk, self.expand_v, "expand_v", "head_dim * expand_v")
 
   def validate(self, d_model: int) -> None:
-    _check_d_model(d_model)
+    check_d_model(d_model)
     self.dims(d_model)
     for f in ("use_gate", "use_short_conv", "conv_bias", "allow_neg_eigval"):
-      _boolean(getattr(self, f), f)
-    _pos_int(self.conv_size, "conv_size")
-    _positive(self.norm_eps, "norm_eps")
+      check_bool(getattr(self, f), f)
+    check_pos_int(self.conv_size, "conv_size")
+    check_positive(self.norm_eps, "norm_eps")
     _check_kernel_opts(self)
 
 
@@ -653,12 +641,12 @@ class GatedDeltaNetConfig(DeltaNetConfig):
 
   def validate(self, d_model: int) -> None:
     super().validate(d_model)
-    _positive(self.A_init_max, "A_init_max")
-    _positive(self.dt_min, "dt_min")
-    _positive(self.dt_max, "dt_max")
+    check_positive(self.A_init_max, "A_init_max")
+    check_positive(self.dt_min, "dt_min")
+    check_positive(self.dt_max, "dt_max")
     check(self.dt_max >= self.dt_min, "dt_max",
           f"must be >= dt_min={self.dt_min} (got {self.dt_max!r})")
-    check(_is_num(self.dt_init_floor) and self.dt_init_floor >= 0, "dt_init_floor",
+    check(is_num(self.dt_init_floor) and self.dt_init_floor >= 0, "dt_init_floor",
           f"must be a finite number >= 0 (got {self.dt_init_floor!r})")
 
 
@@ -812,13 +800,13 @@ class BasedConfig:
                            rope_theta=self.window_rope_theta)
 
   def validate(self, d_model: int) -> None:
-    _check_d_model(d_model)
+    check_d_model(d_model)
     _head_dim(d_model, self.num_heads, self.head_dim)
-    _pos_int(self.feature_dim, "feature_dim")
-    _boolean(self.taylor_upper, "taylor_upper")
-    _positive(self.eps, "eps")
-    _pos_int(self.window, "window")
-    _pos_int(self.window_heads, "window_heads")
+    check_pos_int(self.feature_dim, "feature_dim")
+    check_bool(self.taylor_upper, "taylor_upper")
+    check_positive(self.eps, "eps")
+    check_pos_int(self.window, "window")
+    check_pos_int(self.window_heads, "window_heads")
     rename = {"num_heads": "window_heads", "window": "window",
               "rope_theta": "window_rope_theta", "head_dim": "window_heads"}
     try:
@@ -826,8 +814,8 @@ class BasedConfig:
     except ConfigError as e:
       message = str(e)[len(e.field) + 2:]
       raise ConfigError(rename.get(e.field, e.field), message) from None
-    _boolean(self.use_conv, "use_conv")
-    _pos_int(self.conv_size, "conv_size")
+    check_bool(self.use_conv, "use_conv")
+    check_pos_int(self.conv_size, "conv_size")
     _check_kernel_opts(self)
 
 
@@ -953,10 +941,10 @@ class JRTConfig:
   impl: str = "auto"
 
   def validate(self, d_model: int) -> None:
-    _check_d_model(d_model)
-    _pos_int(self.prefix_len, "prefix_len")
+    check_d_model(d_model)
+    check_pos_int(self.prefix_len, "prefix_len")
     _head_dim(d_model, self.num_heads, self.head_dim)
-    _pos_int(self.feature_dim, "feature_dim")
+    check_pos_int(self.feature_dim, "feature_dim")
     _check_feature_map(self)
     _check_kernel_opts(self)
 

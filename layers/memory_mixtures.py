@@ -150,7 +150,6 @@ the trainer adds ``train.aux_loss_weight`` times that sum to the loss (metric
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Mapping
 
 import jax
@@ -162,6 +161,7 @@ from kernels.chunked_scan import IMPLS, linear_recurrence
 from kernels.delta_rule import delta_rule
 from layers.common import (ConfigError, GatedRMSNorm, Linear, RMSNorm, ShortConv, check,
                            dense_init, param, segment_positions)
+from layers.common import check_bool, check_d_model, check_pos_int, check_positive, is_num
 from layers import linear_attention as la
 from layers import neural_memory as nm
 
@@ -178,29 +178,16 @@ __all__ = ["MemoryCaching", "MemoryCachingConfig", "MoM", "MoMConfig", "INNER_MI
 # ----------------------------------------------------------------------------------
 
 
-def _is_int(v: Any) -> bool:
-  return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_num(v: Any) -> bool:
-  return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _pos_int(v: Any, field: str) -> None:
-  check(_is_int(v) and v >= 1, field, f"must be a positive integer (got {v!r})")
 
 
-def _boolean(v: Any, field: str) -> None:
-  check(isinstance(v, bool), field, f"must be True or False (got {v!r})")
 
 
-def _positive(v: Any, field: str) -> None:
-  check(_is_num(v) and v > 0, field, f"must be a finite number > 0 (got {v!r})")
 
 
-def _check_d_model(d_model: Any) -> None:
-  check(_is_int(d_model) and d_model >= 1, "d_model",
-        f"must be a positive integer (got {d_model!r})")
 
 
 def _choice(v: Any, allowed, field: str) -> None:
@@ -209,7 +196,7 @@ def _choice(v: Any, allowed, field: str) -> None:
 
 
 def _check_kernel_opts(cfg) -> None:
-  _pos_int(cfg.chunk_size, "chunk_size")
+  check_pos_int(cfg.chunk_size, "chunk_size")
   _choice(cfg.impl, IMPLS, "impl")
 
 
@@ -587,16 +574,16 @@ class MemoryCachingConfig:
     return cls, adapter, inner_cfg
 
   def validate(self, d_model: int) -> None:
-    _check_d_model(d_model)
-    _pos_int(self.num_heads, "num_heads")
+    check_d_model(d_model)
+    check_pos_int(self.num_heads, "num_heads")
     _check_kernel_opts(self)
-    _pos_int(self.segment_len, "segment_len")
+    check_pos_int(self.segment_len, "segment_len")
     _choice(self.aggregation, ("gated", "topk"), "aggregation")
-    _pos_int(self.max_segments, "max_segments")
-    _pos_int(self.top_k, "top_k")
+    check_pos_int(self.max_segments, "max_segments")
+    check_pos_int(self.top_k, "top_k")
     check(self.top_k <= self.max_segments, "top_k",
           f"must be <= max_segments={self.max_segments} (got {self.top_k})")
-    _boolean(self.segment_reset, "segment_reset")
+    check_bool(self.segment_reset, "segment_reset")
     self.inner_spec(d_model)
     if self.inner == "titans_lmm" and not self.segment_reset:
       check(self.segment_len % self.chunk_size == 0, "segment_len",
@@ -910,15 +897,15 @@ class MoMConfig:
 
   def dims(self, d_model: int) -> tuple[int, int]:
     """(Dk, Dv) per head."""
-    _pos_int(self.num_heads, "num_heads")
+    check_pos_int(self.num_heads, "num_heads")
     if self.head_dim is None:
       check(d_model % self.num_heads == 0, "num_heads",
             f"must divide d_model={d_model} (got {self.num_heads}); or set head_dim")
       dk = d_model // self.num_heads
     else:
-      _pos_int(self.head_dim, "head_dim")
+      check_pos_int(self.head_dim, "head_dim")
       dk = self.head_dim
-    check(_is_num(self.expand_v) and self.expand_v > 0, "expand_v",
+    check(is_num(self.expand_v) and self.expand_v > 0, "expand_v",
           f"must be a finite number > 0 (got {self.expand_v!r})")
     dv = dk * self.expand_v
     check(abs(dv - round(dv)) < 1e-6 and round(dv) >= 1, "expand_v",
@@ -926,22 +913,22 @@ class MoMConfig:
     return dk, int(round(dv))
 
   def validate(self, d_model: int) -> None:
-    _check_d_model(d_model)
-    _pos_int(self.num_memories, "num_memories")
-    _pos_int(self.top_k, "top_k")
+    check_d_model(d_model)
+    check_pos_int(self.num_memories, "num_memories")
+    check_pos_int(self.top_k, "top_k")
     check(self.top_k <= self.num_memories, "top_k",
           f"must be <= num_memories={self.num_memories} (got {self.top_k})")
     self.dims(d_model)
     for f in ("shared_memory", "use_gate", "use_short_conv", "conv_bias"):
-      _boolean(getattr(self, f), f)
-    _pos_int(self.conv_size, "conv_size")
-    _positive(self.norm_eps, "norm_eps")
-    _positive(self.A_init_max, "A_init_max")
-    _positive(self.dt_min, "dt_min")
-    _positive(self.dt_max, "dt_max")
+      check_bool(getattr(self, f), f)
+    check_pos_int(self.conv_size, "conv_size")
+    check_positive(self.norm_eps, "norm_eps")
+    check_positive(self.A_init_max, "A_init_max")
+    check_positive(self.dt_min, "dt_min")
+    check_positive(self.dt_max, "dt_max")
     check(self.dt_max >= self.dt_min, "dt_max",
           f"must be >= dt_min={self.dt_min} (got {self.dt_max!r})")
-    check(_is_num(self.dt_init_floor) and self.dt_init_floor >= 0, "dt_init_floor",
+    check(is_num(self.dt_init_floor) and self.dt_init_floor >= 0, "dt_init_floor",
           f"must be a finite number >= 0 (got {self.dt_init_floor!r})")
     _check_kernel_opts(self)
 

@@ -163,6 +163,7 @@ from flax import nnx
 from layers.attention import apply_rope
 from layers.common import (GatedRMSNorm, Linear, RMSNorm, ShortConv, check, dense_init, param,
                            segment_positions)
+from layers.common import check_bool, check_finite, check_pos_int, check_positive, is_int, is_num
 
 __all__ = [
     "MemoryMLP", "memory_recurrence", "TitansLMM", "TitansLMMConfig", "TitansMAC",
@@ -527,32 +528,20 @@ def memory_recurrence(mlp: MemoryMLP, init_weights: Weights, q, k, v, log_keep, 
 # ----------------------------------------------------------------------------------
 
 
-def _is_int(v: Any) -> bool:
-  return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_num(v: Any) -> bool:
-  return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _pos_int(v: Any, field: str) -> None:
-  check(_is_int(v) and v >= 1, field, f"must be a positive integer (got {v!r})")
 
 
-def _boolean(v: Any, field: str) -> None:
-  check(isinstance(v, bool), field, f"must be True or False (got {v!r})")
 
 
-def _finite(v: Any, field: str) -> None:
-  check(_is_num(v), field, f"must be a finite number (got {v!r})")
 
 
-def _positive(v: Any, field: str) -> None:
-  check(_is_num(v) and v > 0, field, f"must be a finite number > 0 (got {v!r})")
 
 
 def _heads(d_model: int, heads: Any, field: str) -> int:
-  _pos_int(heads, field)
+  check_pos_int(heads, field)
   check(d_model % heads == 0, field, f"must divide d_model={d_model} (got {heads})")
   return d_model // heads
 
@@ -618,30 +607,30 @@ class TitansLMMConfig:
                      max_grad_norm=self.max_grad_norm)
 
   def validate(self, d_model: int) -> None:
-    check(_is_int(d_model) and d_model >= 1, "d_model",
+    check(is_int(d_model) and d_model >= 1, "d_model",
           f"must be a positive integer (got {d_model!r})")
     dh = _heads(d_model, self.num_heads, "num_heads")
-    _pos_int(self.depth, "depth")
-    _positive(self.expansion, "expansion")
+    check_pos_int(self.depth, "depth")
+    check_positive(self.expansion, "expansion")
     hidden = dh * self.expansion
     check(abs(hidden - round(hidden)) < 1e-6 and round(hidden) >= 1, "expansion",
           f"hidden width = head_dim {dh} * {self.expansion} = {hidden} must be a positive "
           "integer")
     check(self.activation in ACTIVATIONS, "activation",
           f"must be one of {', '.join(ACTIVATIONS)} (got {self.activation!r})")
-    _boolean(self.residual, "residual")
-    _pos_int(self.chunk_size, "chunk_size")
-    _positive(self.max_lr, "max_lr")
+    check_bool(self.residual, "residual")
+    check_pos_int(self.chunk_size, "chunk_size")
+    check_positive(self.max_lr, "max_lr")
     if self.max_grad_norm is not None:
-      _positive(self.max_grad_norm, "max_grad_norm")
-    _finite(self.theta_bias_init, "theta_bias_init")
-    _finite(self.eta_bias_init, "eta_bias_init")
-    _finite(self.alpha_bias_init, "alpha_bias_init")
-    _boolean(self.use_short_conv, "use_short_conv")
-    check(_is_int(self.conv_size) and self.conv_size >= 2, "conv_size",
+      check_positive(self.max_grad_norm, "max_grad_norm")
+    check_finite(self.theta_bias_init, "theta_bias_init")
+    check_finite(self.eta_bias_init, "eta_bias_init")
+    check_finite(self.alpha_bias_init, "alpha_bias_init")
+    check_bool(self.use_short_conv, "use_short_conv")
+    check(is_int(self.conv_size) and self.conv_size >= 2, "conv_size",
           f"must be an integer >= 2 (got {self.conv_size!r})")
-    _boolean(self.output_gate, "output_gate")
-    _positive(self.norm_eps, "norm_eps")
+    check_bool(self.output_gate, "output_gate")
+    check_positive(self.norm_eps, "norm_eps")
 
 
 def _xavier_init(key, shape, dtype):
@@ -920,10 +909,10 @@ class _PrefixAttention(nnx.Module):
 
 def _attention_fields(cfg, d_model: int) -> None:
   """Validates the attention fields shared by MAC / MAG / MAL configs."""
-  check(_is_int(cfg.num_persistent) and cfg.num_persistent >= 0, "num_persistent",
+  check(is_int(cfg.num_persistent) and cfg.num_persistent >= 0, "num_persistent",
         f"must be an integer >= 0 (got {cfg.num_persistent!r})")
   dh = _heads(d_model, cfg.attn_heads, "attn_heads")
-  check(_is_num(cfg.rope_theta) and cfg.rope_theta >= 0, "rope_theta",
+  check(is_num(cfg.rope_theta) and cfg.rope_theta >= 0, "rope_theta",
         f"must be a finite number >= 0, 0 disables RoPE (got {cfg.rope_theta!r})")
   if cfg.rope_theta > 0:
     check(dh % 2 == 0, "attn_heads",
@@ -953,7 +942,7 @@ class TitansMAGConfig(TitansLMMConfig):
 
   def validate(self, d_model: int) -> None:
     super().validate(d_model)
-    _pos_int(self.window, "window")
+    check_pos_int(self.window, "window")
     _attention_fields(self, d_model)
 
 
@@ -1066,7 +1055,7 @@ class TitansMACConfig(TitansLMMConfig):
 
   def validate(self, d_model: int) -> None:
     super().validate(d_model)
-    _pos_int(self.segment_len, "segment_len")
+    check_pos_int(self.segment_len, "segment_len")
     check(self.segment_len % self.chunk_size == 0, "segment_len",
           f"must be a multiple of chunk_size={self.chunk_size} (got {self.segment_len}) so "
           "that the memory's chunks align with the segments")

@@ -46,6 +46,7 @@ from kernels.chunked_scan import linear_recurrence
 from kernels.diag_scan import diagonal_recurrence
 from layers.common import (ConfigError, GatedRMSNorm, Linear, ShortConv, check, ones_init,
                            param)
+from layers.common import check_pos_int, is_num
 
 IMPLS = ("auto", "reference", "xla", "pallas_tpu", "pallas_gpu")
 S4D_INITS = ("lin", "inv")
@@ -55,21 +56,15 @@ S4D_PARALLEL = ("fft", "scan")
 # ------------------------------------------------------------------------------ helpers
 
 
-def _is_int(v: Any) -> bool:
-  return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_num(v: Any) -> bool:
-  return (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v))
 
 
-def _check_pos_int(v: Any, field: str) -> None:
-  check(_is_int(v) and v >= 1, field, f"must be a positive integer (got {v!r})")
 
 
 def _check_dt_range(dt_min: Any, dt_max: Any) -> None:
-  check(_is_num(dt_min) and dt_min > 0, "dt_min", f"must be a number > 0 (got {dt_min!r})")
-  check(_is_num(dt_max) and dt_max >= dt_min, "dt_max",
+  check(is_num(dt_min) and dt_min > 0, "dt_min", f"must be a number > 0 (got {dt_min!r})")
+  check(is_num(dt_max) and dt_max >= dt_min, "dt_max",
         f"must be a number >= dt_min={dt_min} (got {dt_max!r})")
 
 
@@ -146,8 +141,8 @@ class S4DConfig:
   impl: str = "auto"
 
   def validate(self, d_model: int) -> None:
-    _check_pos_int(d_model, "d_model")
-    _check_pos_int(self.d_state, "d_state")
+    check_pos_int(d_model, "d_model")
+    check_pos_int(self.d_state, "d_state")
     check(self.d_state % 2 == 0, "d_state",
           f"must be even (N/2 complex conjugate-pair modes; got {self.d_state})")
     check(self.init in S4D_INITS, "init",
@@ -155,7 +150,7 @@ class S4DConfig:
     _check_dt_range(self.dt_min, self.dt_max)
     check(self.parallel in S4D_PARALLEL, "parallel",
           f"must be one of {', '.join(S4D_PARALLEL)} (got {self.parallel!r})")
-    _check_pos_int(self.chunk_size, "chunk_size")
+    check_pos_int(self.chunk_size, "chunk_size")
     _check_impl(self.impl)
     check(self.impl not in ("pallas_tpu", "pallas_gpu"), "impl",
           f"S4D's scan is complex-valued: use auto, xla or reference (got {self.impl!r})")
@@ -320,21 +315,21 @@ class MambaConfig:
   impl: str = "auto"
 
   def validate(self, d_model: int) -> None:
-    _check_pos_int(d_model, "d_model")
-    _check_pos_int(self.d_state, "d_state")
-    _check_pos_int(self.d_conv, "d_conv")
-    _check_pos_int(self.expand, "expand")
+    check_pos_int(d_model, "d_model")
+    check_pos_int(self.d_state, "d_state")
+    check_pos_int(self.d_conv, "d_conv")
+    check_pos_int(self.expand, "expand")
     if self.dt_rank is not None:
-      _check_pos_int(self.dt_rank, "dt_rank")
+      check_pos_int(self.dt_rank, "dt_rank")
     _check_dt_range(self.dt_min, self.dt_max)
-    check(_is_num(self.dt_init_floor) and self.dt_init_floor > 0, "dt_init_floor",
+    check(is_num(self.dt_init_floor) and self.dt_init_floor > 0, "dt_init_floor",
           f"must be a number > 0 (got {self.dt_init_floor!r})")
-    check(_is_num(self.dt_scale) and self.dt_scale > 0, "dt_scale",
+    check(is_num(self.dt_scale) and self.dt_scale > 0, "dt_scale",
           f"must be a number > 0 (got {self.dt_scale!r})")
     check(isinstance(self.conv_bias, bool), "conv_bias",
           f"must be True or False (got {self.conv_bias!r})")
     check(isinstance(self.bias, bool), "bias", f"must be True or False (got {self.bias!r})")
-    _check_pos_int(self.chunk_size, "chunk_size")
+    check_pos_int(self.chunk_size, "chunk_size")
     _check_impl(self.impl)
 
 
@@ -463,31 +458,31 @@ class Mamba2Config:
   impl: str = "auto"
 
   def validate(self, d_model: int) -> None:
-    _check_pos_int(d_model, "d_model")
-    _check_pos_int(self.d_state, "d_state")
-    _check_pos_int(self.head_dim, "head_dim")
-    _check_pos_int(self.d_conv, "d_conv")
-    _check_pos_int(self.expand, "expand")
+    check_pos_int(d_model, "d_model")
+    check_pos_int(self.d_state, "d_state")
+    check_pos_int(self.head_dim, "head_dim")
+    check_pos_int(self.d_conv, "d_conv")
+    check_pos_int(self.expand, "expand")
     d_inner = self.expand * d_model
     check(d_inner % self.head_dim == 0, "head_dim",
           f"must divide d_inner = expand * d_model = {d_inner} (got {self.head_dim})")
-    _check_pos_int(self.ngroups, "ngroups")
+    check_pos_int(self.ngroups, "ngroups")
     heads = d_inner // self.head_dim
     check(heads % self.ngroups == 0, "ngroups",
           f"must divide the number of heads {heads} (got {self.ngroups})")
-    check(_is_num(self.A_init_min) and self.A_init_min > 0, "A_init_min",
+    check(is_num(self.A_init_min) and self.A_init_min > 0, "A_init_min",
           f"must be a number > 0 (got {self.A_init_min!r})")
-    check(_is_num(self.A_init_max) and self.A_init_max >= self.A_init_min, "A_init_max",
+    check(is_num(self.A_init_max) and self.A_init_max >= self.A_init_min, "A_init_max",
           f"must be a number >= A_init_min={self.A_init_min} (got {self.A_init_max!r})")
     _check_dt_range(self.dt_min, self.dt_max)
-    check(_is_num(self.dt_init_floor) and self.dt_init_floor > 0, "dt_init_floor",
+    check(is_num(self.dt_init_floor) and self.dt_init_floor > 0, "dt_init_floor",
           f"must be a number > 0 (got {self.dt_init_floor!r})")
-    check(_is_num(self.norm_eps) and self.norm_eps > 0, "norm_eps",
+    check(is_num(self.norm_eps) and self.norm_eps > 0, "norm_eps",
           f"must be a number > 0 (got {self.norm_eps!r})")
     check(isinstance(self.conv_bias, bool), "conv_bias",
           f"must be True or False (got {self.conv_bias!r})")
     check(isinstance(self.bias, bool), "bias", f"must be True or False (got {self.bias!r})")
-    _check_pos_int(self.chunk_size, "chunk_size")
+    check_pos_int(self.chunk_size, "chunk_size")
     _check_impl(self.impl)
     if self.impl in ("auto", "pallas_tpu", "pallas_gpu"):
       check(self.chunk_size % 16 == 0, "chunk_size",
