@@ -14,6 +14,8 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
                              + " --xla_backend_optimization_level=1").strip()
 import jax  # noqa: E402
 
+import layers  # noqa: E402,F401  (layers/_xla_cpu.py: XLA:CPU work-around, before any computation)
+
 jax.config.update("jax_num_cpu_devices", 8)
 
 # `make test` runs `pytest -n 2 --dist loadfile`, refined by the scheduler below: every test
