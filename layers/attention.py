@@ -51,8 +51,6 @@ from layers.common import is_int
 _NEG_INF = -1e30  # finite, so a (never expected) fully masked row cannot produce NaNs
 
 
-
-
 @dataclasses.dataclass(frozen=True)
 class AttentionConfig:
   """Hyper-parameters of :class:`Attention`.

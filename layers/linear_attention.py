@@ -62,18 +62,6 @@ __all__ = [
 # ----------------------------------------------------------------------------------
 
 
-
-
-
-
-
-
-
-
-
-
-
-
 def _check_kernel_opts(cfg) -> None:
   check_pos_int(cfg.chunk_size, "chunk_size")
   check(cfg.impl in IMPLS, "impl", f"must be one of {', '.join(IMPLS)} (got {cfg.impl!r})")
@@ -578,7 +566,6 @@ class GLA(_MatrixStateMixer):
     return self._project_out(o), sf, conv_state
 
 
-
 # ----------------------------------------------------------------------------------
 # 4./5. DeltaNet and Gated DeltaNet
 # ----------------------------------------------------------------------------------
@@ -740,7 +727,6 @@ class DeltaNet(_MatrixStateMixer):
                        impl=self.cfg.impl)
     o = self.norm(o, self.g(x)) if self.g is not None else self.norm(o)
     return self._project_out(o), sf, conv_state
-
 
 
 class GatedDeltaNet(DeltaNet):

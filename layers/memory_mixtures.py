@@ -178,18 +178,6 @@ __all__ = ["MemoryCaching", "MemoryCachingConfig", "MoM", "MoMConfig", "INNER_MI
 # ----------------------------------------------------------------------------------
 
 
-
-
-
-
-
-
-
-
-
-
-
-
 def _choice(v: Any, allowed, field: str) -> None:
   check(isinstance(v, str) and v in allowed, field,
         f"must be one of {', '.join(map(repr, allowed))} (got {v!r})")

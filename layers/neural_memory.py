@@ -528,18 +528,6 @@ def memory_recurrence(mlp: MemoryMLP, init_weights: Weights, q, k, v, log_keep, 
 # ----------------------------------------------------------------------------------
 
 
-
-
-
-
-
-
-
-
-
-
-
-
 def _heads(d_model: int, heads: Any, field: str) -> int:
   check_pos_int(heads, field)
   check(d_model % heads == 0, field, f"must divide d_model={d_model} (got {heads})")

@@ -56,12 +56,6 @@ S4D_PARALLEL = ("fft", "scan")
 # ------------------------------------------------------------------------------ helpers
 
 
-
-
-
-
-
-
 def _check_dt_range(dt_min: Any, dt_max: Any) -> None:
   check(is_num(dt_min) and dt_min > 0, "dt_min", f"must be a number > 0 (got {dt_min!r})")
   check(is_num(dt_max) and dt_max >= dt_min, "dt_max",

@@ -3,7 +3,6 @@ XLA compiles, and how the tests are spread over the xdist workers."""
 
 import os
 
-
 # The suite compiles hundreds of small programs and runs each briefly, so compile time
 # dominates it. XLA's backend optimisation level 1 (the default is 2) cut a sample of the
 # suite (generate + chunked_scan tests) from 172 s to 107 s on this CPU, and the steps of
@@ -14,7 +13,7 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
                              + " --xla_backend_optimization_level=1").strip()
 import jax  # noqa: E402
 
-import layers  # noqa: E402,F401  (layers/_xla_cpu.py: XLA:CPU work-around, before any computation)
+import layers  # noqa: E402,F401  (applies layers/_xla_cpu.py before anything runs)
 
 jax.config.update("jax_num_cpu_devices", 8)
 
