@@ -12,7 +12,7 @@ fusions off; with it the results equal eager execution in every case tried.
 The flag is added to ``XLA_FLAGS`` when this package is imported, for jaxlib 0.12 only (an
 unknown flag is fatal in XLA, and later versions may drop it). XLA reads ``XLA_FLAGS`` when
 the first backend starts, so lcm must be imported before the first JAX computation; a
-warning says so otherwise. ``tests/layers/test_ssm.py::test_mamba2_jit_equals_eager_*``
+warning says so otherwise. ``tests/layers/test_ssm.py::test_jit_equals_eager_at_batch_64``
 guards against a regression (it fails without the flag on jaxlib 0.12.0.1).
 """
 
