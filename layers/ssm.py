@@ -493,8 +493,8 @@ class Mamba2(nnx.Module):
       S_t = exp(dt_t A) S_{t-1} + B_t (dt_t x_t)^T     per head, S: [N, P]
       y = S_t^T C_t + D x;  out = out_proj(rmsnorm(y * silu(z)))   (norm_before_gate=False)
 
-  SSD runs as ``linear_recurrence(q=C, k=B, v=x*dt, log_decay=dt*A)`` (B/C broadcast from
-  the G groups to the H heads). The in-projection is three Linears (z|x, B|C, dt) and the
+  SSD runs as ``linear_recurrence(q=C, k=B, v=x*dt, log_decay=dt*A)`` with B/C passed as
+  their G groups (the kernel's grouped q/k: ``C B^T`` is computed once per group). The in-projection is three Linears (z|x, B|C, dt) and the
   convolution two ShortConvs (x; B|C): mathematically one projection / one depthwise conv
   (the ``[z, x, B, C, dt]`` split of mamba2_simple.py), split so that each kernel has one
   logical channel axis ("mlp", "state", "heads") to shard. The gated RMSNorm normalises over
@@ -547,8 +547,9 @@ class Mamba2(nnx.Module):
     bc = self.bc_proj(u).reshape(bsz, t, 2 * g * n)
     x = jax.nn.silu(conv_x(x))
     bc = jax.nn.silu(conv_bc(bc))
-    b = jnp.repeat(bc[..., :g * n].reshape(bsz, t, g, n), h // g, axis=2)  # [B, T, H, N]
-    c = jnp.repeat(bc[..., g * n:].reshape(bsz, t, g, n), h // g, axis=2)
+    # [B, T, G, N]: linear_recurrence takes grouped q/k (head h reads group h // (H / G)).
+    b = bc[..., :g * n].reshape(bsz, t, g, n)
+    c = bc[..., g * n:].reshape(bsz, t, g, n)
     dt = jax.nn.softplus(self.dt_proj(u).astype(jnp.float32)
                          + self.dt_bias[...].astype(jnp.float32))  # [B, T, H]
     a = -jnp.exp(self.A_log[...].astype(jnp.float32))  # [H]

@@ -42,7 +42,7 @@ runs backwards in time and is itself a linear recurrence, so the same chunked ke
     kernel returns), so strongly decaying gates keep accurate gradients instead of
     rounding noise.
 
-Inputs: q, k ``[B,T,H,Dk]``; v ``[B,T,H,Dv]``; ``log_decay`` ``None``, ``[B,T,H]`` or
+Inputs: q, k ``[B,T,H,Dk]`` (or grouped ``[B,T,G,Dk]``, ``H % G == 0``); v ``[B,T,H,Dv]``; ``log_decay`` ``None``, ``[B,T,H]`` or
 ``[B,T,H,Dk]`` (natural-log decays, normally <= 0); ``initial_state`` ``[B,H,Dk,Dv]``;
 ``reset`` ``[B,T]`` bool, True where a document starts (the state is zeroed *before* that
 token is added). No implicit scaling of q. Outputs: ``o`` ``[B,T,H,Dv]`` in q's dtype,
@@ -57,7 +57,8 @@ import jax
 import jax.numpy as jnp
 
 from kernels._common import KernelConfig, auto_impl, interpret_key, pad_time, suffix_sum
-from kernels.chunked_scan.reference import (check_inputs, linear_recurrence_chunked,
+from kernels.chunked_scan.reference import (check_inputs, expand_groups,
+                                            linear_recurrence_chunked,
                                             linear_recurrence_reference)
 
 __all__ = ["linear_recurrence", "IMPLS"]
@@ -70,7 +71,9 @@ def linear_recurrence(q, k, v, log_decay=None, *, initial_state=None, reset=None
   """Gated linear recurrence ``S_t = diag(exp(g_t)) S_{t-1} + k_t v_t^T``, ``o_t = S_t^T q_t``.
 
   Args:
-    q, k: ``[B, T, H, Dk]``.
+    q, k: ``[B, T, H, Dk]``, or ``[B, T, G, Dk]`` with ``H % G == 0`` (grouped: head ``h``
+      reads group ``h // (H // G)``, Mamba2's shared B/C groups or GQA). The ``xla`` form
+      computes grouped ``q k^T`` once per group; the others repeat q/k to ``H`` heads.
     v: ``[B, T, H, Dv]``.
     log_decay: ``None`` (no decay), ``[B, T, H]`` or ``[B, T, H, Dk]``; natural log of the
       per-step decay (normally <= 0). Arbitrarily negative values are fine.
@@ -106,7 +109,9 @@ def linear_recurrence(q, k, v, log_decay=None, *, initial_state=None, reset=None
     raise ValueError(f"impl={impl!r} needs chunk_size to be a positive multiple of 16; "
                      f"got {chunk_size}.")
   cfg = KernelConfig(impl=impl, chunk=chunk_size, interpret=interpret_key(interpret))
-  return _pallas_recurrence(q, k, v, log_decay, initial_state, reset, cfg)
+  h = v.shape[2]
+  return _pallas_recurrence(expand_groups(q, h), expand_groups(k, h), v, log_decay,
+                            initial_state, reset, cfg)
 
 
 # ----------------------------------------------------------------------------------

@@ -41,33 +41,41 @@ from kernels._common import pad_time, segment_sum, suffix_sum
 
 _HI = lax.Precision.HIGHEST
 NEG_INF = -jnp.inf
+PAIR_SUB_CHUNK = 16  # sub-chunk of pair_decays (per-head decays)
 
 
-def decay_kind(q, log_decay) -> str:
-  """``"none"``, ``"scalar"`` ([B,T,H]) or ``"channel"`` ([B,T,H,Dk]); validates shapes."""
+def decay_kind(v, log_decay, dk) -> str:
+  """``"none"``, ``"scalar"`` ([B,T,H]) or ``"channel"`` ([B,T,H,Dk]); validates shapes
+  (``H`` is the number of heads of ``v``; ``dk`` the key dimension)."""
   if log_decay is None:
     return "none"
-  B, T, H, Dk = q.shape
+  B, T, H = v.shape[:3]
   if log_decay.shape == (B, T, H):
     return "scalar"
-  if log_decay.shape == (B, T, H, Dk):
+  if log_decay.shape == (B, T, H, dk):
     return "channel"
   raise ValueError(
       f"log_decay must have shape [B,T,H]={(B, T, H)} (one decay per head) or "
-      f"[B,T,H,Dk]={(B, T, H, Dk)} (one per key channel); got {log_decay.shape}.")
+      f"[B,T,H,Dk]={(B, T, H, dk)} (one per key channel); got {log_decay.shape}.")
 
 
 def check_inputs(q, k, v, log_decay=None, initial_state=None, reset=None):
-  """Raise a ValueError naming the argument whose shape is wrong."""
+  """Raise a ValueError naming the argument whose shape is wrong.
+
+  ``q`` and ``k`` may have fewer heads ``G`` than ``v``'s ``H`` (grouped, as Mamba2's B/C
+  groups or GQA): ``H % G == 0`` and head ``h`` reads group ``h // (H // G)``."""
   if q.ndim != 4:
-    raise ValueError(f"q must be [B,T,H,Dk]; got shape {q.shape}.")
-  B, T, H, Dk = q.shape
+    raise ValueError(f"q must be [B,T,G,Dk]; got shape {q.shape}.")
+  B, T, G, Dk = q.shape
   if k.shape != q.shape:
     raise ValueError(f"k must have q's shape {q.shape}; got {k.shape}.")
-  if v.ndim != 4 or v.shape[:3] != (B, T, H):
-    raise ValueError(f"v must be [B,T,H,Dv] with B,T,H={(B, T, H)}; got {v.shape}.")
-  Dv = v.shape[-1]
-  kind = decay_kind(q, log_decay)
+  if v.ndim != 4 or v.shape[:2] != (B, T):
+    raise ValueError(f"v must be [B,T,H,Dv] with B,T={(B, T)}; got {v.shape}.")
+  H, Dv = v.shape[2], v.shape[3]
+  if H % G:
+    raise ValueError(f"v's heads H={H} must be a multiple of q/k's heads G={G} (head h "
+                     f"reads q/k group h // (H // G)); got q {q.shape}, v {v.shape}.")
+  kind = decay_kind(v, log_decay, Dk)
   if initial_state is not None and initial_state.shape != (B, H, Dk, Dv):
     raise ValueError(
         f"initial_state must be [B,H,Dk,Dv]={(B, H, Dk, Dv)}; got {initial_state.shape}.")
@@ -75,6 +83,12 @@ def check_inputs(q, k, v, log_decay=None, initial_state=None, reset=None):
     if reset.shape != (B, T):
       raise ValueError(f"reset must be a [B,T]={(B, T)} bool array; got {reset.shape}.")
   return kind
+
+
+def expand_groups(x, heads):
+  """``[B,T,G,D]`` -> ``[B,T,heads,D]`` (group ``g`` serves heads ``g*R .. g*R+R-1``)."""
+  g = x.shape[2]
+  return x if g == heads else jnp.repeat(x, heads // g, axis=2)
 
 
 # ----------------------------------------------------------------------------------
@@ -85,8 +99,9 @@ def check_inputs(q, k, v, log_decay=None, initial_state=None, reset=None):
 def linear_recurrence_reference(q, k, v, log_decay=None, initial_state=None, reset=None):
   """Per-token ``lax.scan`` of the recurrence (fp32 state). Returns ``(o, final_state)``."""
   kind = check_inputs(q, k, v, log_decay, initial_state, reset)
-  B, T, H, Dk = q.shape
-  Dv = v.shape[-1]
+  B, T, H, Dv = v.shape
+  q, k = expand_groups(q, H), expand_groups(k, H)
+  Dk = q.shape[-1]
   f32 = jnp.float32
   s0 = (jnp.zeros((B, H, Dk, Dv), f32) if initial_state is None
         else initial_state.astype(f32))
@@ -129,13 +144,17 @@ def linear_recurrence_chunked(q, k, v, log_decay=None, initial_state=None, reset
   Intra-chunk work is batched over all chunks; only the [Dk, Dv] state hand-off between
   chunks is a ``lax.scan``. T need not be a multiple of ``chunk_size`` (zero-padded at the front).
   Differentiable with ordinary ``jax.grad`` (all masks are applied before ``exp``).
+  Grouped q/k (fewer heads than v) are used as they are for no / per-head decays: the
+  ``q k^T`` scores are computed once per group, and the per-head decays act on the
+  scores, on v (to the chunk end) and on the output (from the chunk start).
   """
   kind = check_inputs(q, k, v, log_decay, initial_state, reset)
-  if chunk_size < 1:
-    raise ValueError(f"chunk_size must be >= 1; got {chunk_size}.")
-  B, T, H, Dk = q.shape
-  Dv = v.shape[-1]
+  B, T, G, Dk = q.shape
+  H, Dv = v.shape[2], v.shape[3]
+  R = H // G
   C = int(chunk_size)
+  if C < 1:
+    raise ValueError(f"chunk_size must be >= 1; got {chunk_size}.")
   N = -(-T // C)
   Tp = N * C
   f32 = jnp.float32
@@ -146,13 +165,6 @@ def linear_recurrence_chunked(q, k, v, log_decay=None, initial_state=None, reset
     x = x.reshape((B, N, C) + x.shape[2:])
     return jnp.moveaxis(x, 3, 1)
 
-  qc, kc, vc = to_chunks(q), to_chunks(k), to_chunks(v)
-  if kind == "none":
-    gc = jnp.zeros((B, H, N, C), f32)
-  else:
-    gc = to_chunks(log_decay)  # [B,H,N,C] or [B,H,N,C,Dk]
-  b = jnp.cumsum(gc, axis=3)  # inclusive prefix sums: decay from the chunk start
-
   if reset is not None:
     r = pad_time(reset.astype(jnp.int32), Tp).reshape(B, N, C)
     seg = jnp.cumsum(r, axis=-1)[:, None]  # [B,1,N,C]
@@ -162,41 +174,121 @@ def linear_recurrence_chunked(q, k, v, log_decay=None, initial_state=None, reset
   last_seg = seg[..., -1:]
   to_end = seg == last_seg  # token reaches the chunk-end state
   keeps = last_seg[..., 0] == 0  # [B,1,N] no reset inside the chunk
-  causal = jnp.tril(jnp.ones((C, C), bool))
-  same = seg[..., :, None] == seg[..., None, :]  # [B,1,N,C,C]
-
-  if kind == "channel":
-    bl = b[..., -1, :]  # [B,H,N,Dk] sum of the chunk's gates
-    q_in = qc * jnp.exp(jnp.where(first[..., None], b, NEG_INF))
-    k_out = kc * jnp.exp(jnp.where(to_end[..., None], suffix_sum(gc, axis=-2), NEG_INF))
-    chunk_decay = jnp.where(keeps[..., None], jnp.exp(bl), 0.0)[..., None]
-    scores = _channel_scores(qc, kc, gc, seg, sub_chunk_size(C))
-  else:
-    bl = b[..., -1]  # [B,H,N]
-    q_in = qc * jnp.exp(jnp.where(first, b, NEG_INF))[..., None]
-    k_out = kc * jnp.exp(jnp.where(to_end, suffix_sum(gc), NEG_INF))[..., None]
-    chunk_decay = jnp.where(keeps, jnp.exp(bl), 0.0)[..., None, None]
-    mask = causal & same
-    eye = jnp.eye(C, dtype=bool)
-    decay = jnp.exp(jnp.where(eye, 0.0, jnp.where(mask, segment_sum(gc), NEG_INF)))
-    scores = jnp.einsum("bhncd,bhnsd->bhncs", qc, kc, precision=_HI) * decay
-
-  o_intra = jnp.einsum("bhncs,bhnse->bhnce", scores, vc, precision=_HI)
-  # Per-chunk state contributions, then the sequential hand-off across chunks.
-  u = jnp.einsum("bhncd,bhnce->bhnde", k_out, vc, precision=_HI)  # [B,H,N,Dk,Dv]
   s0 = (jnp.zeros((B, H, Dk, Dv), f32) if initial_state is None
         else initial_state.astype(f32))
+
+  if kind == "channel":
+    qc, kc = to_chunks(expand_groups(q, H)), to_chunks(expand_groups(k, H))
+    vc, gc = to_chunks(v), to_chunks(log_decay)  # gc: [B,H,N,C,Dk]
+    b = jnp.cumsum(gc, axis=3)  # inclusive prefix sums: decay from the chunk start
+    q_in = qc * jnp.exp(jnp.where(first[..., None], b, NEG_INF))
+    k_out = kc * jnp.exp(jnp.where(to_end[..., None], suffix_sum(gc, axis=-2), NEG_INF))
+    chunk_decay = jnp.where(keeps[..., None], jnp.exp(b[..., -1, :]), 0.0)[..., None]
+    scores = _channel_scores(qc, kc, gc, seg, sub_chunk_size(C))
+    o_intra = jnp.einsum("bhncs,bhnse->bhnce", scores, vc, precision=_HI)
+    u = jnp.einsum("bhncd,bhnce->bhnde", k_out, vc, precision=_HI)  # [B,H,N,Dk,Dv]
+    s_in, sf = _pass_states(s0, chunk_decay, u)
+    o_inter = jnp.einsum("bhncd,bhnde->bhnce", q_in, s_in, precision=_HI)
+  else:
+    # Grouped layout: q/k [B,G,N,C,Dk]; v, decays and outputs [B,G,R,N,C,...].
+    qc, kc = to_chunks(q), to_chunks(k)
+    vc = to_chunks(v).reshape(B, G, R, N, C, Dv)
+    causal = jnp.tril(jnp.ones((C, C), bool))
+    mask = causal & (seg[..., :, None] == seg[..., None, :])  # [B,1,N,C,C]
+    scores = jnp.einsum("bgncd,bgnsd->bgncs", qc, kc, precision=_HI)[:, :, None]
+    if kind == "none":
+      scores = jnp.where(mask[:, :, None], scores, 0.0)
+      v_out = jnp.where(to_end[:, :, None, ..., None], vc, 0.0)
+      chunk_decay = keeps.astype(f32)[:, :, None, :, None, None]  # [B,1,1,N,1,1]
+      out_scale = first.astype(f32)[:, :, None]  # [B,1,1,N,C]
+    else:
+      gc = to_chunks(log_decay).reshape(B, G, R, N, C)
+      b = jnp.cumsum(gc, axis=-1)  # inclusive prefix sums: decay from the chunk start
+      scores = scores * pair_decays(gc, mask[:, :, None])
+      v_out = vc * jnp.exp(jnp.where(to_end[:, :, None], suffix_sum(gc), NEG_INF))[..., None]
+      chunk_decay = jnp.where(keeps[:, :, None], jnp.exp(b[..., -1]), 0.0)[..., None, None]
+      out_scale = jnp.exp(jnp.where(first[:, :, None], b, NEG_INF))
+    o_intra = jnp.einsum("bgrncs,bgrnse->bgrnce", scores, vc, precision=_HI)
+    u = jnp.einsum("bgncd,bgrnce->bgrnde", kc, v_out, precision=_HI)  # [B,G,R,N,Dk,Dv]
+    s_in, sf = _pass_states(s0.reshape(B, G, R, Dk, Dv),
+                            jnp.broadcast_to(chunk_decay, (B, G, R, N, 1, 1)), u, axis=3)
+    o_inter = jnp.einsum("bgncd,bgrnde->bgrnce", qc, s_in, precision=_HI) * out_scale[..., None]
+    o_intra, o_inter = (x.reshape(B, H, N, C, Dv) for x in (o_intra, o_inter))
+    sf = sf.reshape(B, H, Dk, Dv)
+  o = (o_intra + o_inter)  # [B,H,N,C,Dv]
+  o = jnp.moveaxis(o, 1, 3).reshape(B, Tp, H, Dv)[:, Tp - T:]
+  return o.astype(out_dtype), sf
+
+
+def _pass_states(s0, chunk_decay, u, axis=2):
+  """The sequential hand-off across chunks (axis ``axis`` of ``u``): returns the state
+  entering each chunk (``u``'s shape) and the final state."""
 
   def pass_state(s, xs):
     dec, un = xs
     return dec * s + un, s
 
-  sf, s_in = lax.scan(pass_state, s0, (jnp.moveaxis(chunk_decay, 2, 0), jnp.moveaxis(u, 2, 0)))
-  s_in = jnp.moveaxis(s_in, 0, 2)  # state entering each chunk, [B,H,N,Dk,Dv]
-  o_inter = jnp.einsum("bhncd,bhnde->bhnce", q_in, s_in, precision=_HI)
-  o = (o_intra + o_inter)  # [B,H,N,C,Dv]
-  o = jnp.moveaxis(o, 1, 3).reshape(B, Tp, H, Dv)[:, Tp - T:]
-  return o.astype(out_dtype), sf
+  sf, s_in = lax.scan(pass_state, s0, (jnp.moveaxis(chunk_decay, axis, 0),
+                                       jnp.moveaxis(u, axis, 0)))
+  return jnp.moveaxis(s_in, 0, axis), sf
+
+
+@jax.custom_vjp
+def pair_decays(g, mask):
+  """``D[..., i, j] = exp(sum_{j < m <= i} g_m)`` where ``mask`` (which must lie in the lower
+  triangle, diagonal included), else 0; ``g``: ``[..., C]``, ``mask`` broadcastable to
+  ``g.shape + (C,)`` (and no larger: ``D`` has that shape).
+
+  Forward in O(C^2) with few ``exp``s: cut the chunk into sub-chunks of ``sub`` =
+  :data:`PAIR_SUB_CHUNK` tokens
+  (chunks of at most ``2 * sub`` tokens, or not a multiple of it, use
+  :func:`kernels._common.segment_sum` directly). A pair in sub-chunks ``J < I`` has the
+  decay ``exp(head_i) * exp(mid_IJ) * exp(tail_j)``: from the start of ``I`` to ``i``
+  (``cumsum``), the whole sub-chunks strictly between (a segment sum over the sub-chunk
+  totals), and from ``j`` (exclusive) to the end of ``J`` (``suffix_sum``). Each exponent
+  is a sum of exactly the gates in between, never a difference of cumulative sums
+  (``kernels._common``), and for gates <= 0 each factor is <= 1, so a factor underflows
+  only where the product does. Pairs inside one sub-chunk use ``exp(segment_sum)``. So
+  ``exp`` runs on O(C * sub) values instead of C^2 (on this CPU an exp costs ~15x a
+  multiply).
+
+  The backward is O(C^2) and reduction-light: with ``dE = dD * D`` (zero on the diagonal,
+  whose exponent is the constant 0), ``dL/dg_m = sum_{i >= m, j < m} dE_ij =
+  sum_{i >= m} (rowsum_i - colsum_i)`` of the strictly lower triangle.
+  """
+  C, sub = g.shape[-1], PAIR_SUB_CHUNK
+  if C <= 2 * sub or C % sub:
+    return jnp.exp(jnp.where(mask, segment_sum(g), NEG_INF))
+  S = C // sub
+  gs = g.reshape(g.shape[:-1] + (S, sub))
+  head = jnp.exp(jnp.cumsum(gs, axis=-1))  # [..., S, sub]
+  tail = jnp.exp(suffix_sum(gs))  # [..., S, sub]
+  tot = jnp.sum(gs, axis=-1)  # [..., S]
+  i_, m_ = jnp.arange(S)[:, None], jnp.arange(S)[None, :]
+  # mid[I, J] = sum_{J < M < I} tot_M  (a masked ones-matmul over the S sub-chunks)
+  mid = jnp.exp(jnp.einsum("...im,mj->...ij", jnp.where(m_ < i_, tot[..., None, :], 0.0),
+                           (m_.T > m_).astype(g.dtype), precision=_HI))
+  off = (head[..., :, :, None, None] * mid[..., :, None, :, None]
+         * tail[..., None, None, :, :])  # [..., S(I), sub(i), S(J), sub(j)]
+  tri = jnp.tril(jnp.ones((sub, sub), bool))
+  inside = jnp.exp(jnp.where(tri, segment_sum(gs), NEG_INF))  # [..., S, sub, sub]
+  same = jnp.eye(S, dtype=bool)[:, None, :, None]
+  d = jnp.where(same, inside[..., :, :, None, :], off).reshape(g.shape[:-1] + (C, C))
+  return jnp.where(mask, d, 0.0)
+
+
+def _pair_decays_fwd(g, mask):
+  d = pair_decays(g, mask)
+  return d, d
+
+
+def _pair_decays_bwd(d, dd):
+  de = jnp.where(jnp.eye(d.shape[-1], dtype=bool), 0.0, dd * d)
+  diff = jnp.sum(de, axis=-1) - jnp.sum(de, axis=-2)  # rowsum_i - colsum_i: g's shape
+  return jnp.flip(jnp.cumsum(jnp.flip(diff, -1), axis=-1), -1), None
+
+
+pair_decays.defvjp(_pair_decays_fwd, _pair_decays_bwd)
 
 
 def _channel_scores(qc, kc, g, seg, L):

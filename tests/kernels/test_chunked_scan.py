@@ -265,15 +265,16 @@ def _saturated_then_mild(kind):
   return g
 
 
-@pytest.mark.parametrize("impl", ("xla",) + PALLAS)
+@pytest.mark.parametrize("impl,chunk_size", [("xla", 32), ("xla", 64)] + [(i, 32) for i in PALLAS])
 @pytest.mark.parametrize("kind", ("scalar", "channel"))
-def test_saturated_gate_then_mild_gates(kind, impl):
-  """Decays after a saturated gate stay exact (fp32): forward to 1e-5, gradients to 1e-4."""
+def test_saturated_gate_then_mild_gates(kind, impl, chunk_size):
+  """Decays after a saturated gate stay exact (fp32): forward to 1e-5, gradients to 1e-4.
+  (xla at chunk 64 builds per-head pair decays from 16-token sub-chunks: pair_decays.)"""
   x = _inputs(kind)
   g = _saturated_then_mild(kind)
   x32 = {**x, "log_decay": g}
   ref = _call(_value_and_grad("reference"), x32)
-  got = _call(_value_and_grad(impl, 32), x32)
+  got = _call(_value_and_grad(impl, chunk_size), x32)
   o_r, s_r, g_r = ref
   o, s, grads = got
   assert _per_head_rel_err(o_r, o) < 1e-5
@@ -385,3 +386,71 @@ def test_lowering_production_shape(impl, platform, kind):
   # backward = the dq, dv, dk kernels (+ the forward, for the final state without the last
   # token, when there are decays; without decays the forward is dead code under grad)
   assert exp_b.mlir_module().count(marker) == (3 if kind == "none" else 4)
+
+
+# ---------------------------------------------------------------------------------------
+# Grouped q/k (Mamba2's B/C groups, GQA) and the per-head pair decays of the xla form.
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl,chunk_size", [("xla", 16), ("xla", 64), ("reference", 16),
+                                             ("pallas_gpu", 16)])
+@pytest.mark.parametrize("kind", KINDS)
+def test_grouped_qk_equals_repeated_qk(kind, impl, chunk_size):
+  """q/k with G < H heads == the same q/k repeated to H heads (outputs, state, gradients;
+  the gradient of a shared q/k group is the sum over its heads)."""
+  h, grp = 4, 2
+  ks = jax.random.split(jax.random.PRNGKey(7), 6)
+  q = jax.random.normal(ks[0], (B, T, grp, DK))
+  k = jax.random.normal(ks[1], (B, T, grp, DK)) / np.sqrt(DK)
+  v = jax.random.normal(ks[2], (B, T, h, DV))
+  s0 = jax.random.normal(ks[3], (B, h, DK, DV))
+  reset = jax.random.uniform(ks[4], (B, T)) < 0.08
+  shape = {"none": None, "scalar": (B, T, h), "channel": (B, T, h, DK)}[kind]
+  g = None if shape is None else -jax.nn.softplus(jax.random.normal(ks[5], shape))
+  wo = jax.random.normal(ks[5], (B, T, h, DV))
+  rep = lambda x: jnp.repeat(x, h // grp, axis=2)
+
+  def run(expand):
+    def loss(q, k, v, g, s0):
+      qq, kk = (rep(q), rep(k)) if expand else (q, k)
+      o, sf = linear_recurrence(qq, kk, v, g, initial_state=s0, reset=reset,
+                                chunk_size=chunk_size, impl=impl, interpret=impl in PALLAS)
+      return jnp.sum(o * wo) + jnp.sum(sf), (o, sf)
+    argnums = (0, 1, 2, 4) if g is None else (0, 1, 2, 3, 4)
+    return jax.jit(jax.value_and_grad(loss, argnums=argnums, has_aux=True))(q, k, v, g, s0)
+
+  (_, (o_g, s_g)), d_g = run(False)
+  (_, (o_r, s_r)), d_r = run(True)
+  assert o_g.shape == (B, T, h, DV) and s_g.shape == (B, h, DK, DV)
+  for want, got in [(o_r, o_g), (s_r, s_g)] + list(zip(d_r, d_g)):
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * float(jnp.abs(want).max()))
+
+
+def test_grouped_qk_needs_heads_to_divide():
+  q = jnp.zeros((1, 8, 3, 4))
+  with pytest.raises(ValueError, match="multiple of q/k's heads G=3"):
+    linear_recurrence(q, q, jnp.zeros((1, 8, 4, 4)), impl="xla")
+
+
+def test_pair_decays_equal_the_dense_exact_form_and_its_autodiff_gradient():
+  """pair_decays (sub-chunked forward, row/column-sum backward) == exp of the exact segment
+  sums, masked, and jax.grad of that -- with saturated gates, positive-free mild gates and a
+  document mask."""
+  from kernels._common import segment_sum  # pylint: disable=import-outside-toplevel
+  from kernels.chunked_scan.reference import PAIR_SUB_CHUNK, pair_decays  # pylint: disable=import-outside-toplevel
+  c = 8 * PAIR_SUB_CHUNK
+  ks = jax.random.split(jax.random.PRNGKey(11), 3)
+  g = -jax.nn.softplus(jax.random.normal(ks[0], (3, 2, c)) - 2.0)
+  g = g.at[0, 0, 37].set(-3000.0).at[1, 1, 5].set(-80.0)
+  seg = jnp.cumsum(jax.random.uniform(ks[1], (3, 1, c)) < 0.03, axis=-1)
+  mask = jnp.tril(jnp.ones((c, c), bool)) & (seg[..., :, None] == seg[..., None, :])
+  dense = lambda g: jnp.exp(jnp.where(mask, segment_sum(g), -jnp.inf))
+  got, want = pair_decays(g, mask), dense(g)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-30)  # fp32 rounding of ~50-term sums
+  assert float(jnp.sum(got)) > c  # not all masked
+  w = jax.random.normal(ks[2], want.shape)
+  d_got = jax.grad(lambda g: jnp.sum(pair_decays(g, mask) * w))(g)
+  d_want = jax.grad(lambda g: jnp.sum(dense(g) * w))(g)
+  np.testing.assert_allclose(d_got, d_want, rtol=0, atol=1e-5 * float(jnp.abs(d_want).max()))
