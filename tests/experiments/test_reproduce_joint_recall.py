@@ -1,0 +1,57 @@
+"""experiments/reproduce_joint_recall.py: the answer classification and the evaluation."""
+
+import numpy as np
+from flax import nnx
+
+from configs import joint_recall
+from experiments import reproduce_joint_recall as rjr
+from lcm import config as config_lib
+from lcm import model as model_lib
+from lcm.data.tasks import joint_recall as jr
+
+KW = {"vocab_size": 64, "seq_len": 64, "num_contexts": 4, "num_keys": 4, "num_queries": 8}
+
+
+def _tables(inputs, k):
+  """(context, key) -> value, parsed independently of the code under test."""
+  table = {}
+  for p in range(len(inputs)):
+    if inputs[p] == jr.CONTEXT:
+      for j in range(k):
+        table[(int(inputs[p + 1]), int(inputs[p + 2 + 2 * j]))] = int(inputs[p + 3 + 2 * j])
+  return table
+
+
+def test_answer_kinds_on_constructed_answers():
+  ex = jr.joint_recall_example(3, seed=0, **KW)
+  inputs, k, q = ex["inputs"], KW["num_keys"], KW["num_queries"]
+  right = jr.joint_recall_oracle(inputs, k, q)
+  np.testing.assert_array_equal(rjr.answer_kinds(inputs, right, k, q), 0)
+  table = _tables(inputs, k)
+  start = len(inputs) - 3 * q + 1
+  asked = [(int(inputs[start + 3 * j]), int(inputs[start + 3 * j + 1])) for j in range(q)]
+  other_ctx = [next(v for (c2, k2), v in table.items() if k2 == key and c2 != c)
+               for c, key in asked]
+  np.testing.assert_array_equal(rjr.answer_kinds(inputs, np.array(other_ctx), k, q), 1)
+  # a value of the example that is none of the queried key's values (values repeat
+  # across keys, so "a different key's value" alone could be this key's in another context)
+  other_val = [next(v for (_, k2), v in table.items()
+                    if k2 != key and v not in {w for (_, k3), w in table.items() if k3 == key})
+               for _, key in asked]
+  np.testing.assert_array_equal(rjr.answer_kinds(inputs, np.array(other_val), k, q), 2)
+  absent = next(v for v in range(jr.token_ranges(64)[2][0], 64) if v not in table.values())
+  mixed = np.array([right[0], other_ctx[1], other_val[2], absent, jr.PAD] + list(right[5:]))
+  np.testing.assert_array_equal(rjr.answer_kinds(inputs, mixed, k, q), [0, 1, 2, 3, 3, 0, 0, 0])
+
+
+def test_evaluate_counts_every_answer_and_shares_sum_to_one():
+  c = joint_recall.get_config("mamba2,landmark")
+  c.model.d_model = 16
+  c.eval.num_examples, c.eval.batch_size = 16, 8
+  config_lib.validate(c, num_devices=1)
+  c = config_lib.resolve(c)
+  model = model_lib.LM(c.model, rngs=nnx.Rngs(0))
+  r = rjr.evaluate(model, c)
+  assert r["answers"] == 16 * c.data.num_queries
+  assert abs(sum(r[f"share_{k}"] for k in rjr.KINDS) - 1.0) < 1e-9
+  assert r["accuracy"] == r["share_right"] and 0.0 <= r["accuracy"] < 0.5  # untrained
