@@ -53,11 +53,8 @@ def answer_kinds(inputs: np.ndarray, preds: np.ndarray, num_keys: int,
   :data:`KINDS`): int[Q] of indices into KINDS. ``inputs`` int[T] (the task's layout,
   :mod:`lcm.data.tasks.joint_recall`), ``preds`` int[Q] (the predictions at the queried keys)."""
   from lcm.data.tasks import joint_recall as jr  # pylint: disable=g-import-not-at-top
-  t, k, q = inputs.shape[0], int(num_keys), int(num_queries)
-  table: dict[tuple[int, int], int] = {}
-  for p in np.flatnonzero(inputs == jr.CONTEXT):
-    for key, value in inputs[p + 2:p + 2 + 2 * k].reshape(k, 2):
-      table[(int(inputs[p + 1]), int(key))] = int(value)
+  t, q = inputs.shape[0], int(num_queries)
+  table = jr.joint_recall_table(inputs, num_keys)
   values = set(table.values())
   start = t - 3 * q + 1
   out = np.empty(q, np.int64)

@@ -42,8 +42,9 @@ runs backwards in time and is itself a linear recurrence, so the same chunked ke
     kernel returns), so strongly decaying gates keep accurate gradients instead of
     rounding noise.
 
-Inputs: q, k ``[B,T,H,Dk]`` (or grouped ``[B,T,G,Dk]``, ``H % G == 0``); v ``[B,T,H,Dv]``; ``log_decay`` ``None``, ``[B,T,H]`` or
-``[B,T,H,Dk]`` (natural-log decays, normally <= 0); ``initial_state`` ``[B,H,Dk,Dv]``;
+Inputs: q, k ``[B,T,H,Dk]`` (or grouped ``[B,T,G,Dk]``, ``H % G == 0``); v ``[B,T,H,Dv]``;
+``log_decay`` ``None``, ``[B,T,H]`` or ``[B,T,H,Dk]`` (natural-log decays, normally <= 0);
+``initial_state`` ``[B,H,Dk,Dv]``;
 ``reset`` ``[B,T]`` bool, True where a document starts (the state is zeroed *before* that
 token is added). No implicit scaling of q. Outputs: ``o`` ``[B,T,H,Dv]`` in q's dtype,
 ``final_state`` ``[B,H,Dk,Dv]`` float32. All accumulation is float32.

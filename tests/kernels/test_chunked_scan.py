@@ -436,8 +436,7 @@ def test_grouped_qk_needs_heads_to_divide():
 
 def test_pair_decays_equal_the_dense_exact_form_and_its_autodiff_gradient():
   """pair_decays (sub-chunked forward, row/column-sum backward) == exp of the exact segment
-  sums, masked, and jax.grad of that -- with saturated gates, positive-free mild gates and a
-  document mask."""
+  sums, masked, and jax.grad of that -- with saturated gates, mild gates and a document mask."""
   from kernels._common import segment_sum  # pylint: disable=import-outside-toplevel
   from kernels.chunked_scan.reference import PAIR_SUB_CHUNK, pair_decays  # pylint: disable=import-outside-toplevel
   c = 8 * PAIR_SUB_CHUNK

@@ -39,7 +39,7 @@ from layers.common import ConfigError
 from lcm.data.tasks.passkey import _is_int, check_seed_and_index
 
 __all__ = ["JointRecallConfig", "joint_recall_example", "joint_recall_oracle",
-           "token_ranges", "PAD", "CONTEXT", "QUERY"]
+           "joint_recall_table", "token_ranges", "PAD", "CONTEXT", "QUERY"]
 
 PAD, CONTEXT, QUERY = 0, 1, 2
 _FIRST = 3
@@ -140,21 +140,30 @@ def joint_recall_example(index: int, *, seed: int, vocab_size: int, seq_len: int
           "loss_mask": loss_mask}
 
 
-def joint_recall_oracle(inputs: np.ndarray, num_keys: int, num_queries: int) -> np.ndarray:
-  """The answers by construction: int[..., T] -> int[..., Q], read from the inputs only.
-
-  Parses every ``[CONTEXT, c, k v ...]`` block into a table ``(c, k) -> v`` and looks up the
-  ``Q`` questions ``(c_j, k_j)`` of the final block.
-  """
-  inputs = np.asarray(inputs)
-  if inputs.ndim > 1:
-    return np.stack([joint_recall_oracle(x, num_keys, num_queries) for x in inputs])
-  t, k, q = inputs.shape[0], int(num_keys), int(num_queries)
+def joint_recall_table(inputs: np.ndarray, num_keys: int) -> dict[tuple[int, int], int]:
+  """``(context id, key) -> value`` of one example's context blocks, read from ``inputs``
+  (int[T]) alone."""
+  inputs, k = np.asarray(inputs), int(num_keys)
   table = {}
   for p in np.flatnonzero(inputs == CONTEXT):
     pairs = inputs[p + 2:p + 2 + 2 * k].reshape(k, 2)
     for key, value in pairs:
       table[(int(inputs[p + 1]), int(key))] = int(value)
+  return table
+
+
+def joint_recall_oracle(inputs: np.ndarray, num_keys: int, num_queries: int) -> np.ndarray:
+  """The answers by construction: int[..., T] -> int[..., Q], read from the inputs only.
+
+  Parses every ``[CONTEXT, c, k v ...]`` block into a table ``(c, k) -> v``
+  (:func:`joint_recall_table`) and looks up the ``Q`` questions ``(c_j, k_j)`` of the final
+  block.
+  """
+  inputs = np.asarray(inputs)
+  if inputs.ndim > 1:
+    return np.stack([joint_recall_oracle(x, num_keys, num_queries) for x in inputs])
+  t, q = inputs.shape[0], int(num_queries)
+  table = joint_recall_table(inputs, num_keys)
   start = t - 3 * q + 1  # first question's context id
   return np.array([table[(int(inputs[start + 3 * j]), int(inputs[start + 3 * j + 1]))]
                    for j in range(q)], np.int64)
