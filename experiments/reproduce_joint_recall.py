@@ -42,9 +42,22 @@ def _define_flags():
   flags.DEFINE_string("patterns", "|".join(PATTERNS),
                       "Mixer patterns separated by '|' (configs/joint_recall.py:<p>).")
   flags.DEFINE_integer("steps", None, "Training steps (default: the config's).")
+  flags.DEFINE_integer("num_layers", None, "Layers (default: the config's 2); every pattern "
+                       "is repeated to fill them, so its length must divide this.")
   flags.DEFINE_list("top_k", ["1", "2", "4"], "Sparse evaluations of the landmark model.")
   flags.DEFINE_string("runs", "runs/joint_recall", "Workdirs root.")
   flags.DEFINE_string("out", "results/joint_recall", "Output prefix (<out>.md, <out>.csv, <out>/).")
+
+
+def attention_kind(pattern: str) -> str:
+  """The table's ``attention`` cell for a pattern (the strongest attention it holds)."""
+  names = {p.strip() for p in pattern.split(",")}
+  for name, kind in (("attention", "dense causal"),
+                     ("landmark", "dense grouped softmax (as trained)"),
+                     ("swa", "sparse, fixed window (CISA)")):
+    if name in names:
+      return kind
+  return "none (SSM alone)"
 
 
 def answer_kinds(inputs: np.ndarray, preds: np.ndarray, num_keys: int,
@@ -139,6 +152,8 @@ def main(argv):
   base = joint_recall.get_config("mamba2")
   if f.steps:
     base.train.steps = f.steps
+  if f.num_layers:
+    base.model.num_layers = f.num_layers
   points = [{"model.pattern": p.strip()} for p in f.patterns.split("|") if p.strip()]
   runs = sweep.run_grid(base, points, f.runs)
   rows, histories = [], {}
@@ -150,9 +165,7 @@ def main(argv):
       continue
     model, config = generate.load_model(run["workdir"])
     histories[pattern] = sweep.eval_history(run["workdir"])
-    kind = {"mamba2": "none (SSM alone)", "mamba2,swa": "sparse, fixed window (CISA)",
-            "mamba2,landmark": "dense grouped softmax (as trained)",
-            "mamba2,attention": "dense causal"}.get(pattern, pattern)
+    kind = attention_kind(pattern)
     variants = [(pattern, kind, model)]
     if "landmark" in pattern:
       variants += [(f"{pattern} (top_k={k})", f"sparse, top-{k} blocks (CDSA)",

@@ -36,6 +36,8 @@ def _define_flags():
   flags.DEFINE_list("lengths", ["256", "2048", "8192", "32768"], "Test lengths.")
   flags.DEFINE_integer("steps", 1200, "Training steps.")
   flags.DEFINE_integer("batch_size", 32, "Training batch size.")
+  flags.DEFINE_integer("eval_every", 0, "Evaluate and checkpoint every this many steps "
+                       "(0: only at the end).")
   flags.DEFINE_integer("block_size", 32, "Landmark block (landmark included).")
   flags.DEFINE_integer("top_k", 4, "Blocks retrieved per token and head at test time.")
   flags.DEFINE_list("extra_top_k", [], "Also test landmark with these top_k (own rows).")
@@ -46,7 +48,7 @@ def _define_flags():
 
 
 def mixer_config(name: str, *, train_len: int, steps: int, batch_size: int, block_size: int,
-                 top_k: int):
+                 top_k: int, eval_every: int = 0):
   """``configs/passkey.py:<name>`` at ``train_len``; landmark trains in exact mode."""
   from configs import passkey as passkey_config  # pylint: disable=g-import-not-at-top
   c = passkey_config.get_config(name)
@@ -54,7 +56,7 @@ def mixer_config(name: str, *, train_len: int, steps: int, batch_size: int, bloc
   c.data.batch_size = batch_size
   c.train.steps = steps
   c.train.warmup_steps = min(c.train.warmup_steps, steps // 10)
-  c.train.eval_every = c.train.checkpoint_every = steps
+  c.train.eval_every = c.train.checkpoint_every = eval_every or steps
   c.eval.num_examples = 64
   c.eval.batch_size = 16
   ext = train_len + train_len // (block_size - 1)
@@ -89,7 +91,7 @@ def main(argv):
   for name in f.mixers:
     workdir = os.path.join(f.runs, name.replace(",", "+"))
     c = mixer_config(name, train_len=f.train_len, steps=f.steps, batch_size=f.batch_size,
-                     block_size=f.block_size, top_k=f.top_k)
+                     block_size=f.block_size, top_k=f.top_k, eval_every=f.eval_every)
     s = train.run(c, workdir)
     model, config = generate.load_model(workdir)
     row = {"mixer": name, "num_params": s["num_params"], "steps": s["steps"],
