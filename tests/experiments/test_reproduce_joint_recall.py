@@ -55,3 +55,11 @@ def test_evaluate_counts_every_answer_and_shares_sum_to_one():
   assert r["answers"] == 16 * c.data.num_queries
   assert abs(sum(r[f"share_{k}"] for k in rjr.KINDS) - 1.0) < 1e-9
   assert r["accuracy"] == r["share_right"] and 0.0 <= r["accuracy"] < 0.5  # untrained
+
+
+def test_attention_kind_names_the_strongest_attention_of_any_pattern():
+  assert rjr.attention_kind("mamba2") == "none (SSM alone)"
+  assert rjr.attention_kind("mamba2,swa") == "sparse, fixed window (CISA)"
+  assert rjr.attention_kind("mamba2,landmark,landmark") == "dense grouped softmax (as trained)"
+  assert rjr.attention_kind("mamba2, landmark") == "dense grouped softmax (as trained)"
+  assert rjr.attention_kind("swa,attention") == "dense causal"
