@@ -24,3 +24,11 @@ def test_retrieval_model_shares_weights_and_matches_exact_mode_when_k_covers_all
   np.testing.assert_allclose(np.asarray(every(tok)), want, atol=2e-5, rtol=0)
   few = reproduce_landmark.retrieval_model(trained, c, exact_len=0, top_k=1)
   assert np.abs(np.asarray(few(tok)) - want).max() > 1e-3  # retrieval really acts
+
+
+def test_mixer_config_evaluates_at_the_end_unless_told_otherwise():
+  kw = dict(train_len=40, steps=10, batch_size=2, block_size=4, top_k=2)
+  c = reproduce_landmark.mixer_config("landmark", **kw)
+  assert (c.train.eval_every, c.train.checkpoint_every) == (10, 10)
+  c = reproduce_landmark.mixer_config("attention", eval_every=4, **kw)
+  assert (c.train.eval_every, c.train.checkpoint_every) == (4, 4)
