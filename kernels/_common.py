@@ -99,6 +99,18 @@ def pad_last(x, n):
   return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, n - x.shape[-1])])
 
 
+def group_heads(*xs) -> int:
+  """The head count H of a kernel grid whose ``[B, T, heads, D]`` inputs may be grouped:
+  the most heads among ``xs``; every input's heads must divide it (an input with
+  ``H / r`` heads serves head ``h`` from its head ``h // r``)."""
+  heads = max(x.shape[2] for x in xs)
+  for x in xs:
+    if heads % x.shape[2]:
+      raise ValueError(f"grouped inputs need head counts dividing {heads}; got "
+                       f"{[x.shape[2] for x in xs]}.")
+  return heads
+
+
 # ----------------------------------------------------------------------------------
 # Exact log-decay sums.
 # ----------------------------------------------------------------------------------

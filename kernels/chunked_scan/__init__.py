@@ -74,7 +74,9 @@ def linear_recurrence(q, k, v, log_decay=None, *, initial_state=None, reset=None
   Args:
     q, k: ``[B, T, H, Dk]``, or ``[B, T, G, Dk]`` with ``H % G == 0`` (grouped: head ``h``
       reads group ``h // (H // G)``, Mamba2's shared B/C groups or GQA). The ``xla`` form
-      computes grouped ``q k^T`` once per group; the others repeat q/k to ``H`` heads.
+      computes grouped ``q k^T`` once per group; the Pallas kernels read a group's q/k
+      block for each of its heads (no repeated copy; the backward sums over the group);
+      ``reference`` repeats q/k to ``H`` heads.
     v: ``[B, T, H, Dv]``.
     log_decay: ``None`` (no decay), ``[B, T, H]`` or ``[B, T, H, Dk]``; natural log of the
       per-step decay (normally <= 0). Arbitrarily negative values are fine.
@@ -110,9 +112,7 @@ def linear_recurrence(q, k, v, log_decay=None, *, initial_state=None, reset=None
     raise ValueError(f"impl={impl!r} needs chunk_size to be a positive multiple of 16; "
                      f"got {chunk_size}.")
   cfg = KernelConfig(impl=impl, chunk=chunk_size, interpret=interpret_key(interpret))
-  h = v.shape[2]
-  return _pallas_recurrence(expand_groups(q, h), expand_groups(k, h), v, log_decay,
-                            initial_state, reset, cfg)
+  return _pallas_recurrence(q, k, v, log_decay, initial_state, reset, cfg)
 
 
 # ----------------------------------------------------------------------------------
@@ -137,7 +137,7 @@ def _run_kernel(cfg, q, k, v, g, s0, reset, *, decay_on="key", strict=False,
   ``b`` (decay from the chunk start) and exclusive suffix sums ``r`` (decay to the chunk
   end), each a sum of exactly the gates in between; pair decays inside a chunk are
   segment sums of ``g`` built in the kernel (see ``kernels._common``)."""
-  B, T, H, _ = q.shape
+  B, T = q.shape[:2]
   C = cfg.chunk
   N = -(-T // C)
   Tp = N * C
@@ -186,7 +186,8 @@ def _pallas_bwd(cfg, res, cts):
   q, k, v, g, s0, reset, sf_excl = res
   do, dsf = cts
   f32 = jnp.float32
-  B, T, H, Dk = q.shape
+  B, T, G, Dk = q.shape
+  H = v.shape[2]
   kind = "none" if g is None else ("scalar" if g.ndim == 3 else "channel")
   dsf = dsf.astype(f32)
   do_c = do.astype(q.dtype)
@@ -206,10 +207,14 @@ def _pallas_bwd(cfg, res, cts):
                         jnp.swapaxes(dsf, -1, -2), r_rev,
                         decay_on="value", strict=True, out_dtype=f32)
   dk_s = flip(dk_s)
-  qf, kf, vf, dof = (x.astype(f32) for x in (q, k, v, do))
+  # The dq / dk kernels return one gradient per head [B,T,H,Dk]; grouped q/k sum them over
+  # the heads of their group at the end.
+  qf, kf = (expand_groups(x, H).astype(f32) for x in (q, k))
+  vf, dof = v.astype(f32), do.astype(f32)
   vdo = jnp.sum(vf * dof, axis=-1, keepdims=True)  # [B,T,H,1]
-  dq = dq_s + kf * vdo
-  dk = dk_s + qf * vdo
+  group_sum = lambda x: x if G == H else x.reshape(B, T, G, H // G, Dk).sum(axis=3)
+  dq = group_sum(dq_s + kf * vdo)
+  dk = group_sum(dk_s + qf * vdo)
   # initial state: d S0 = D_0 R_0 (zero where a document starts at token 0).
   ds0 = None
   if s0 is not None:

@@ -34,7 +34,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels._common import pad_last, pow2
+from kernels._common import group_heads, pad_last, pow2
 
 F32 = jnp.float32
 NEG_INF = float("-inf")
@@ -242,7 +242,8 @@ def _kernel(*refs, kind, decay_on, strict, C, N, has_seg, has_s0, want_excl, cdt
 def forward(q, k, v, decays, seg, s0, *, chunk, decay_on="key", strict=False, out_dtype=None,
             want_excl=False, interpret=False, block_v=64, num_warps=4):
   """Run the kernel on prepared inputs (same contract as ``pallas_tpu.forward``)."""
-  B, Tp, H, Dk = q.shape
+  B, Tp, _, Dk = q.shape
+  H = group_heads(q, k, v)
   Dv = v.shape[-1]
   C = chunk
   N = Tp // C
@@ -261,15 +262,18 @@ def forward(q, k, v, decays, seg, s0, *, chunk, decay_on="key", strict=False, ou
   BV = min(Dvp, block_v)
   nv = Dvp // BV
   sq = pl.squeezed
-  qk_spec = pl.BlockSpec((sq, Tp, sq, Dkp), lambda bi, h, iv: (bi, 0, h, 0))
-  v_spec = pl.BlockSpec((sq, Tp, sq, BV), lambda bi, h, iv: (bi, 0, h, iv))
-  in_specs = [qk_spec, qk_spec, v_spec]
+  # A grouped input (H / r heads) serves head h from its head h // r.
+  hd = lambda r: (lambda h: h) if r == 1 else (lambda h: lax.div(h, r))  # grid ids >= 0
+  qk_spec = lambda r=1: pl.BlockSpec((sq, Tp, sq, Dkp),
+                                     lambda bi, h, iv: (bi, 0, hd(r)(h), 0))
+  v_spec = lambda r=1: pl.BlockSpec((sq, Tp, sq, BV), lambda bi, h, iv: (bi, 0, hd(r)(h), iv))
+  in_specs = [qk_spec(H // q.shape[2]), qk_spec(H // k.shape[2]), v_spec(H // v.shape[2])]
   args = [q, k, v]
   if kind == "scalar":
     in_specs += [pl.BlockSpec((sq, Tp, sq), lambda bi, h, iv: (bi, 0, h))] * 3
     args += [x.astype(F32) for x in (g, b, r)]
   elif kind == "channel":
-    in_specs += [qk_spec if decay_on == "key" else v_spec] * 3
+    in_specs += [qk_spec() if decay_on == "key" else v_spec()] * 3
     args += [x.astype(F32) for x in (g, b, r)]
   has_seg = seg is not None
   if has_seg:
@@ -282,7 +286,7 @@ def forward(q, k, v, decays, seg, s0, *, chunk, decay_on="key", strict=False, ou
     args.append(s0)
   state_shape = jax.ShapeDtypeStruct((B, H, Dkp, Dvp), F32)
   out_shape = [jax.ShapeDtypeStruct((B, Tp, H, Dvp), out_dtype), state_shape]
-  out_specs = [v_spec, state_spec]
+  out_specs = [v_spec(), state_spec]
   if want_excl:
     out_shape.append(state_shape)
     out_specs.append(state_spec)

@@ -41,6 +41,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from kernels._common import group_heads
+
 F32 = jnp.float32
 NEG_INF = float("-inf")
 SUB = 16  # sub-chunk length for per-channel decays
@@ -333,11 +335,14 @@ def _from_tok_layout(x, B, T, H, d):
   return x.reshape(B, T, H, d) if _lane_dense(d) else jnp.transpose(x, (0, 2, 1, 3))
 
 
-def _tok_spec(C, d):
+def _tok_spec(C, d, r=1):
+  """Chunk ``n`` of head ``h``; an input with ``H / r`` heads (grouped) serves head ``h``
+  from its head ``h // r``."""
   sq = pl.squeezed
+  hd = (lambda h: h) if r == 1 else (lambda h: lax.div(h, r))  # grid ids are >= 0
   if _lane_dense(d):
-    return pl.BlockSpec((sq, C, d), lambda bi, h, n: (bi, n, h))
-  return pl.BlockSpec((sq, sq, C, d), lambda bi, h, n: (bi, h, n, 0))
+    return pl.BlockSpec((sq, C, d), lambda bi, h, n: (bi, n, hd(h)))
+  return pl.BlockSpec((sq, sq, C, d), lambda bi, h, n: (bi, hd(h), n, 0))
 
 
 def forward(q, k, v, decays, seg, s0, *, chunk, decay_on="key", strict=False, out_dtype=None,
@@ -345,7 +350,9 @@ def forward(q, k, v, decays, seg, s0, *, chunk, decay_on="key", strict=False, ou
   """Run the kernel on prepared inputs.
 
   Args:
-    q, k: ``[B, Tp, H, Dk]``; v: ``[B, Tp, H, Dv]``; ``Tp`` a multiple of ``chunk``.
+    q, k: ``[B, Tp, H, Dk]``; v: ``[B, Tp, H, Dv]``; ``Tp`` a multiple of ``chunk``. Any
+      of the three may be grouped (fewer heads, dividing H = the most heads of the three):
+      head ``h`` reads its head ``h // (H / heads)``, without a repeated copy in memory.
     decays: ``None`` or ``(g, b, r)``, each ``[B, Tp, H]`` or ``[B, Tp, H, D]`` fp32 (D = Dk
       for ``decay_on="key"``, Dv for ``"value"``): per-token log decays, their within-chunk
       inclusive prefix sums and exclusive suffix sums (sums of exactly those terms).
@@ -356,7 +363,8 @@ def forward(q, k, v, decays, seg, s0, *, chunk, decay_on="key", strict=False, ou
     ``o [B, Tp, H, Dv]`` (``out_dtype``), ``S_final [B, H, Dk, Dv]`` fp32 (and, with
     ``want_excl``, ``S_final - k_T v_T^T`` computed without cancellation).
   """
-  B, Tp, H, Dk = q.shape
+  B, Tp, _, Dk = q.shape
+  H = group_heads(q, k, v)
   Dv = v.shape[-1]
   C = chunk
   N = Tp // C
@@ -368,7 +376,7 @@ def forward(q, k, v, decays, seg, s0, *, chunk, decay_on="key", strict=False, ou
   out_dtype = out_dtype or q.dtype
   sq = pl.squeezed
 
-  in_specs = [_tok_spec(C, Dk), _tok_spec(C, Dk), _tok_spec(C, Dv)]
+  in_specs = [_tok_spec(C, x.shape[-1], H // x.shape[2]) for x in (q, k, v)]
   args = [_to_tok_layout(x) for x in (q, k, v)]
   if kind == "scalar":
     col_spec = pl.BlockSpec((sq, sq, C, 1), lambda bi, h, n: (bi, h, n, 0))

@@ -388,13 +388,59 @@ def test_lowering_production_shape(impl, platform, kind):
   assert exp_b.mlir_module().count(marker) == (3 if kind == "none" else 4)
 
 
+@pytest.mark.parametrize("impl,platform", [("pallas_tpu", "tpu"), ("pallas_gpu", "cuda")])
+def test_grouped_lowering_reads_groups_without_repeating_them(impl, platform):
+  """Mamba2's case (one B/C group for all 8 heads, scalar decays): forward and backward
+  export, and every kernel call gets q/k with G heads, not a repeated [B,T,H,D] copy."""
+  q, _, v, g, s0, reset = _prod_args("scalar")
+  b_, t_, _, d_ = q.shape
+  qg = jax.ShapeDtypeStruct((b_, t_, 1, d_), q.dtype)
+  args = (qg, qg, v, g, s0, reset)
+
+  def fwd(q, k, v, g, s0, reset):
+    return linear_recurrence(q, k, v, g, initial_state=s0, reset=reset, chunk_size=64,
+                             impl=impl)
+
+  def loss(*a):
+    o, sf = fwd(*a)
+    return jnp.sum(o.astype(jnp.float32)) + jnp.sum(sf)
+
+  grad = jax.grad(loss, argnums=(0, 1, 2, 3, 4))
+  marker = "tpu_custom_call" if platform == "tpu" else "__gpu$xla.gpu.triton"
+  assert _export(fwd, args, platform).mlir_module().count(marker) == 1
+  assert _export(grad, args, platform).mlir_module().count(marker) == 4
+  # The forward, dq, dv and dk kernels: each reads a q/k group (B*T*D elements, in either
+  # layout); with q/k repeated to H heads no operand would have that size.
+  kernels = _pallas_calls(jax.make_jaxpr(grad)(*args).jaxpr)
+  assert len(kernels) == 4
+  for eqn in kernels:
+    assert b_ * t_ * d_ in [int(np.prod(x.aval.shape)) for x in eqn.invars]
+
+
+def _pallas_calls(jaxpr):
+  """Every ``pallas_call`` equation in ``jaxpr`` and its sub-jaxprs."""
+  from jax.extend import core as jex_core  # pylint: disable=import-outside-toplevel
+  out = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "pallas_call":
+      out.append(eqn)
+      continue
+    for p in eqn.params.values():
+      for sub in (p if isinstance(p, (tuple, list)) else [p]):
+        if isinstance(sub, jex_core.ClosedJaxpr):
+          out += _pallas_calls(sub.jaxpr)
+        elif isinstance(sub, jex_core.Jaxpr):
+          out += _pallas_calls(sub)
+  return out
+
+
 # ---------------------------------------------------------------------------------------
 # Grouped q/k (Mamba2's B/C groups, GQA) and the per-head pair decays of the xla form.
 # ---------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("impl,chunk_size", [("xla", 16), ("xla", 64), ("reference", 16),
-                                             ("pallas_gpu", 16)])
+                                             ("pallas_gpu", 16), ("pallas_tpu", 16)])
 @pytest.mark.parametrize("kind", KINDS)
 def test_grouped_qk_equals_repeated_qk(kind, impl, chunk_size):
   """q/k with G < H heads == the same q/k repeated to H heads (outputs, state, gradients;
