@@ -50,7 +50,8 @@ def passkey_accuracy(model: nnx.Module, data_cfg: Any, *, seq_len: int, depth: f
   ``depth`` places the needle (negative: uniform per example).
   """
   cfg = dataclasses.replace(pipeline.passkey_config(data_cfg), seq_len=int(seq_len),
-                            needle_depth=float(depth)).validate("data")
+                            needle_depth=float(depth),
+                            max_tail=0).validate("data")  # the question ends the sequence
   k = cfg.passkey_len
   fwd, params = _forward(model, k)
   stream = pipeline.eval_seed(seed)

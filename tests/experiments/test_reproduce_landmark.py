@@ -32,3 +32,19 @@ def test_mixer_config_evaluates_at_the_end_unless_told_otherwise():
   assert (c.train.eval_every, c.train.checkpoint_every) == (10, 10)
   c = reproduce_landmark.mixer_config("attention", eval_every=4, **kw)
   assert (c.train.eval_every, c.train.checkpoint_every) == (4, 4)
+
+
+def test_mixer_config_trains_the_question_at_every_block_offset():
+  kw = dict(train_len=40, steps=10, batch_size=2, block_size=4, top_k=2)
+  for name in ("landmark", "attention"):  # the baseline gets the same data
+    assert reproduce_landmark.mixer_config(name, **kw).data.max_tail == 2  # block_size - 2
+  assert reproduce_landmark.mixer_config("landmark", max_tail=0, **kw).data.max_tail == 0
+  c = reproduce_landmark.mixer_config("landmark", **kw)
+  config_lib.validate(c, num_devices=1)
+  from lcm.data import pipeline  # pylint: disable=g-import-not-at-top
+  batch = next(pipeline.train_iterator(c.data, seed=0, global_batch_size=64))
+  ends = {int(np.flatnonzero(m)[-1]) + 1 for m in batch["loss_mask"]}
+  # the answer ends at 40 - r, r in [0, 2]; the query marker at end - passkey_len: with 3
+  # real tokens per landmark block it takes every offset within a block
+  assert ends == {38, 39, 40}
+  assert {(e - c.data.passkey_len) % 3 for e in ends} == {0, 1, 2}

@@ -82,6 +82,43 @@ def test_pathological_configs_name_their_field(field, kw):
     config_lib.validate(c, num_devices=1)
 
 
+@pytest.mark.parametrize("num_needles", [1, 3])
+def test_max_tail_moves_the_answer_off_the_end(num_needles):
+  k, t, tail = KW["passkey_len"], KW["seq_len"], 9
+  offsets = set()
+  for i in range(200):
+    kw = {**KW, "num_needles": num_needles}
+    ex = passkey.passkey_example(i, seed=2, max_tail=tail, **kw)
+    base = passkey.passkey_example(i, seed=2, **kw)
+    x, y, m = ex["inputs"], ex["targets"], ex["loss_mask"]
+    assert x.shape == y.shape == m.shape == (t,)
+    q = int(np.argmax(x == passkey.QUERY))
+    end = q + k + (num_needles > 1)  # the answer is y[end - k:end]
+    r = t - end
+    assert 0 <= r <= tail
+    offsets.add(r)
+    np.testing.assert_array_equal(m, (np.arange(t) >= end - k) & (np.arange(t) < end))
+    answer = y[m == 1]
+    np.testing.assert_array_equal(passkey.passkey_oracle(x, k, num_needles=num_needles), answer)
+    np.testing.assert_array_equal(y[:-1], x[1:])
+    assert np.all(x[end + 1:] >= passkey.HAYSTACK0)  # x[end] is the last answer token
+    assert (x == passkey.NEEDLE).sum() == num_needles and (x == passkey.QUERY).sum() == 1
+    if r == 0 and num_needles == 1:  # the same needle and digits as without a tail
+      np.testing.assert_array_equal(answer, base["targets"][-k:])
+  assert offsets == set(range(tail + 1))
+
+
+def test_max_tail_is_validated_and_ignored_by_the_evaluator():
+  with pytest.raises(ConfigError, match="max_tail"):
+    passkey.passkey_example(0, seed=0, max_tail=-1, **KW)
+  with pytest.raises(ConfigError, match="max_tail"):  # 40 - 31 = 9 < 10 tokens left
+    passkey.passkey_example(0, seed=0, max_tail=31, **KW)
+  data = ml_collections.ConfigDict({"task": "passkey", **KW, "max_tail": 8})
+  r = needle.passkey_accuracy(_OracleLM(32, 4), data, seq_len=24, num_examples=8,
+                              batch_size=4)
+  assert r["retrieved"] == 1.0  # the evaluator's question ends the sequence
+
+
 def test_config_validates_and_pipeline_batches():
   c = passkey_config.get_config("mamba2")
   config_lib.validate(c, num_devices=1)

@@ -33,8 +33,17 @@ Layout of one example of length ``T`` (``N = num_needles``):
   the last ``L`` positions. The queried needle sits at ``depth`` of the free haystack, the
   other ``N - 1`` at uniform random places (needles never overlap).
 
-``loss_mask`` is 1 at the last ``L`` positions and 0 elsewhere (elsewhere the target is
-simply the next token). An example is *retrieved* when all ``L`` predictions are right (for
+``max_tail > 0`` (a training option) moves the question off the end: a uniform number
+``r`` in ``[0, max_tail]`` of haystack tokens follows the answer, i.e. the example above is
+built at length ``T - r`` and ``r`` haystack tokens are appended. A model that imposes a
+block structure (landmark attention: a landmark every ``block_size - 1`` tokens) then sees
+the question at every offset within a block; with the question always at the end of a
+fixed training length it only ever sees one offset, and a test length that puts the
+question across a block boundary fails (NOTES.md, session 8). Causal models never see the
+tail before they answer.
+
+``loss_mask`` is 1 at the ``L`` answer positions (the last ``L`` when ``max_tail == 0``)
+and 0 elsewhere (elsewhere the target is simply the next token). An example is *retrieved* when all ``L`` predictions are right (for
 greedy decoding that is the same event: every step then sees the correct previous token).
 """
 
@@ -87,7 +96,8 @@ class PasskeyConfig:
   passkey_len: L, value tokens to retrieve. needle_depth: where the (queried) needle sits as
   a fraction of the haystack (0 = start, 1 = end); a negative value draws it uniformly per
   example. num_needles: 1 = S-NIAH, > 1 = multi-key NIAH. needle_kind: the value alphabet,
-  one of ``NEEDLE_KINDS``.
+  one of ``NEEDLE_KINDS``. max_tail: up to this many haystack tokens after the answer
+  (uniform per example; 0 = the answer ends the sequence).
   """
 
   vocab_size: int = 64
@@ -96,15 +106,16 @@ class PasskeyConfig:
   needle_depth: float = -1.0
   num_needles: int = 1
   needle_kind: str = "number"
+  max_tail: int = 0
 
   def validate(self, prefix: str = "data") -> "PasskeyConfig":
     _validate(self.vocab_size, self.seq_len, self.passkey_len, self.needle_depth, prefix,
-             self.num_needles, self.needle_kind)
+             self.num_needles, self.needle_kind, self.max_tail)
     return self
 
 
 def _validate(vocab_size, seq_len, passkey_len, needle_depth, prefix: str = "",
-             num_needles=1, needle_kind="number") -> None:
+             num_needles=1, needle_kind="number", max_tail=0) -> None:
   f = (lambda name: f"{prefix}.{name}") if prefix else (lambda name: name)
   if not _is_int(passkey_len) or passkey_len < 1:
     raise ConfigError(f("passkey_len"), f"must be an integer >= 1, got {passkey_len!r}")
@@ -134,6 +145,12 @@ def _validate(vocab_size, seq_len, passkey_len, needle_depth, prefix: str = "",
   if not _is_int(seq_len) or seq_len < min_len:
     raise ConfigError(f("seq_len"), f"must be an integer >= {why} = {min_len}, got "
                       f"{seq_len!r}")
+  if not _is_int(max_tail) or max_tail < 0:
+    raise ConfigError(f("max_tail"), f"must be an integer >= 0, got {max_tail!r}")
+  if seq_len - max_tail < min_len:
+    raise ConfigError(f("max_tail"), f"leaves seq_len - max_tail = {seq_len - max_tail} "
+                      f"tokens for the example, fewer than {why} = {min_len}; got "
+                      f"max_tail={max_tail}, seq_len={seq_len}")
   if (isinstance(needle_depth, (bool, np.bool_))
       or not isinstance(needle_depth, (int, float, np.number))
       or not np.isfinite(needle_depth) or needle_depth > 1.0):
@@ -147,24 +164,28 @@ _checked = functools.lru_cache(maxsize=64)(_validate)
 
 def passkey_example(index: int, *, seed: int, vocab_size: int, seq_len: int,
                     passkey_len: int = 4, needle_depth: float = -1.0, num_needles: int = 1,
-                    needle_kind: str = "number") -> dict[str, np.ndarray]:
+                    needle_kind: str = "number", max_tail: int = 0) -> dict[str, np.ndarray]:
   """Example ``index`` of the passkey stream ``seed``; a pure function of its arguments.
 
   Returns ``inputs`` int32[T], ``targets`` int32[T] and ``loss_mask`` float32[T] (1 at the
   ``passkey_len`` answer positions). See the module docstring for the layout.
   """
-  _checked(vocab_size, seq_len, passkey_len, needle_depth, "", num_needles, needle_kind)
+  _checked(vocab_size, seq_len, passkey_len, needle_depth, "", num_needles, needle_kind,
+           max_tail)
   check_seed_and_index(seed, index)
-  v, t, k, n = int(vocab_size), int(seq_len), int(passkey_len), int(num_needles)
+  v, n_all, k, n = int(vocab_size), int(seq_len), int(passkey_len), int(num_needles)
   lo, hi, hay0 = value_alphabet(v, needle_kind)
   rng = np.random.default_rng([int(seed), int(index)])
-  loss_mask = np.zeros(t, np.float32)
-  loss_mask[t - k:] = 1.0
-  if n == 1:  # the original draw order: default outputs stay bit-identical
+  # The original draw order when max_tail == 0: default outputs stay bit-identical. ``t`` is
+  # where the answer ends; ``full`` always spans the whole sequence (the tail is haystack).
+  if n == 1:
     digits = lo + rng.integers(0, hi - lo, size=k)
     depth = rng.random() if needle_depth < 0 else float(needle_depth)
+    t = n_all - (int(rng.integers(0, max_tail + 1)) if max_tail else 0)
+    loss_mask = np.zeros(n_all, np.float32)
+    loss_mask[t - k:t] = 1.0
     pos = int(round(depth * (t - 2 * k - 1)))
-    full = rng.integers(hay0, v, size=t + 1)
+    full = rng.integers(hay0, v, size=n_all + 1)
     full[pos] = NEEDLE
     full[pos + 1:pos + 1 + k] = digits
     full[t - k] = QUERY
@@ -176,6 +197,9 @@ def passkey_example(index: int, *, seed: int, vocab_size: int, seq_len: int,
   keys = hay0 + rng.choice(v - hay0, size=n, replace=False)
   q = int(rng.integers(0, n))  # the queried needle
   depth = rng.random() if needle_depth < 0 else float(needle_depth)
+  t = n_all - (int(rng.integers(0, max_tail + 1)) if max_tail else 0)
+  loss_mask = np.zeros(n_all, np.float32)
+  loss_mask[t - k:t] = 1.0
   needle_len = k + 2
   region = t - k - 1  # full[:region] holds haystack + needles; the question follows
   free = region - n * needle_len
@@ -184,7 +208,7 @@ def passkey_example(index: int, *, seed: int, vocab_size: int, seq_len: int,
   ins = rng.integers(0, free + 1, size=n)
   ins[q] = int(round(depth * free))
   order = np.lexsort((np.arange(n) != q, ins))
-  full = rng.integers(hay0, v, size=t + 1)
+  full = rng.integers(hay0, v, size=n_all + 1)
   for rank, j in enumerate(order):
     start = int(ins[j]) + rank * needle_len
     full[start] = NEEDLE
@@ -207,9 +231,9 @@ def passkey_oracle(inputs: np.ndarray, passkey_len: int, *, num_needles: int = 1
   inputs = np.asarray(inputs)
   if num_needles == 1:
     start = np.argmax(inputs == NEEDLE, axis=-1)[..., None] + 1
-  else:
-    t = inputs.shape[-1]
-    key = inputs[..., t - passkey_len:t - passkey_len + 1]
+  else:  # the key follows the (single) query marker, wherever the question sits
+    q = np.argmax(inputs == QUERY, axis=-1)[..., None]
+    key = np.take_along_axis(inputs, q + 1, axis=-1)
     hit = (inputs[..., :-1] == NEEDLE) & (inputs[..., 1:] == key)
     start = np.argmax(hit, axis=-1)[..., None] + 2
   idx = start + np.arange(passkey_len)
