@@ -76,6 +76,20 @@ def mixer_config(name: str, *, train_len: int, steps: int, batch_size: int, bloc
   return c
 
 
+def question_offset(seq_len: int, passkey_len: int, block_size: int) -> int:
+  """Offset of the query marker (at ``seq_len - passkey_len``) within its landmark block
+  of ``block_size - 1`` real tokens; the answer crosses a block boundary when it is
+  ``> block_size - 1 - passkey_len``."""
+  return (seq_len - passkey_len) % (block_size - 1)
+
+
+def training_offsets(train_len: int, passkey_len: int, block_size: int, max_tail: int) -> str:
+  """The query-marker offsets training examples take, in words."""
+  got = sorted({question_offset(train_len - r, passkey_len, block_size)
+                for r in range(max_tail + 1)})
+  return "all" if len(got) == block_size - 1 else ", ".join(map(str, got))
+
+
 def retrieval_model(model, config, **landmark_overrides):
   """The trained LM rebuilt with other landmark fields (``exact_len=0``: always retrieve)."""
   import ml_collections  # pylint: disable=g-import-not-at-top
@@ -90,7 +104,6 @@ def retrieval_model(model, config, **landmark_overrides):
 
 def main(argv):
   del argv
-  import numpy as np  # pylint: disable=g-import-not-at-top
   from lcm import generate, train  # pylint: disable=g-import-not-at-top
   from lcm.evals import needle  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
@@ -161,13 +174,18 @@ def main(argv):
   for r in rows:
     lines.append(f"| {r['mixer']} | {r['num_params']:,} | " + " | ".join(
         cell(r["by_length"][str(n)]) for n in lengths) + " |")
+  offsets = {n: question_offset(n, c.data.passkey_len, f.block_size) for n in lengths}
+  lines += ["", "Query marker's offset within its landmark block (of "
+            f"{f.block_size - 1} real tokens) at each test length: " + ", ".join(
+                f"{n}: {o}" for n, o in offsets.items()) + f"; training saw offsets "
+            + training_offsets(f.train_len, c.data.passkey_len, f.block_size,
+                               c.data.max_tail) + "."]
   base = os.path.basename(f.out)
   lines += ["", f"![retrieval by length]({base}/by_length.png)", ""]
   text = "\n".join(lines) + "\n"
   with open(f.out + ".md", "w", encoding="utf-8") as fh:
     fh.write(text)
   print(text)
-  del np
 
 
 if __name__ == "__main__":

@@ -48,3 +48,17 @@ def test_mixer_config_trains_the_question_at_every_block_offset():
   # real tokens per landmark block it takes every offset within a block
   assert ends == {38, 39, 40}
   assert {(e - c.data.passkey_len) % 3 for e in ends} == {0, 1, 2}
+
+
+def test_question_offsets_name_the_lengths_whose_answer_crosses_a_block():
+  off = lambda n: reproduce_landmark.question_offset(n, 4, 32)
+  # 512 (the training length): 12; 2048 / 32768 cross a block boundary (> 31 - 4); 8192 not
+  assert [off(n) for n in (512, 2048, 8192, 32768)] == [12, 29, 4, 28]
+  assert reproduce_landmark.training_offsets(512, 4, 32, 0) == "12"
+  assert reproduce_landmark.training_offsets(512, 4, 32, 2) == "10, 11, 12"
+  assert reproduce_landmark.training_offsets(512, 4, 32, 30) == "all"
+  # the layout the offset is about: the LM puts a landmark after real token j iff
+  # j % (block_size - 1) == block_size - 2, so token j sits at offset j % 31 of its block
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  _, _, has_lm, _ = model_lib.landmark_layout(jnp.ones((1, 100), jnp.int32), 1, 100, 31)
+  assert np.flatnonzero(np.asarray(has_lm[0])).tolist() == [30, 61, 92]
