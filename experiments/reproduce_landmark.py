@@ -44,7 +44,7 @@ def _define_flags():
                        "takes every offset within a landmark block; 0: none).")
   flags.DEFINE_integer("top_k", 4, "Blocks retrieved per token and head at test time.")
   flags.DEFINE_list("extra_top_k", [], "Also test landmark with these top_k (own rows).")
-  flags.DEFINE_integer("examples", 32, "Test examples per length (needle depth uniform).")
+  flags.DEFINE_integer("examples", 64, "Test examples per length (needle depth uniform).")
   flags.DEFINE_float("max_dense_gb", 6.0, "Skip dense attention where B*H*T^2 fp32 exceeds it.")
   flags.DEFINE_string("runs", "runs/landmark", "Workdirs root.")
   flags.DEFINE_string("out", "results/landmark", "Output prefix (<out>.md and <out>/).")
