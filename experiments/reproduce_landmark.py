@@ -44,6 +44,9 @@ def _define_flags():
                        "takes every offset within a landmark block; 0: none).")
   flags.DEFINE_integer("top_k", 4, "Blocks retrieved per token and head at test time.")
   flags.DEFINE_list("extra_top_k", [], "Also test landmark with these top_k (own rows).")
+  flags.DEFINE_bool("keep_previous", True, "At test time the block before each token's is "
+                    "always one of its top_k (layers/landmark.py); with it, a row without "
+                    "(plain top-k) is added.")
   flags.DEFINE_integer("examples", 64, "Test examples per length (needle depth uniform).")
   flags.DEFINE_float("max_dense_gb", 6.0, "Skip dense attention where B*H*T^2 fp32 exceeds it.")
   flags.DEFINE_string("runs", "runs/landmark", "Workdirs root.")
@@ -125,13 +128,20 @@ def main(argv):
       row["exact_1x"] = needle.passkey_accuracy(
           model, config.data, seq_len=f.train_len, num_examples=f.examples,
           batch_size=8)["retrieved"]
+      kp = f.keep_previous
       variants = [(name if k == f.top_k else f"landmark (top_k={k})",
-                   retrieval_model(model, config, exact_len=0, top_k=k), k)
+                   retrieval_model(model, config, exact_len=0, top_k=k, keep_previous=kp),
+                   None if k == f.top_k else {"top_k": k, "keep_previous": kp})
                   for k in [f.top_k] + [int(k) for k in f.extra_top_k]]
+      row["keep_previous"] = kp
+      if kp:
+        variants.append(("landmark (plain top-k)", retrieval_model(
+            model, config, exact_len=0, top_k=f.top_k, keep_previous=False),
+                         {"top_k": f.top_k, "keep_previous": False}))
     heads = int(dict(config.model.mixers.get("attention", {})).get("num_heads", 2))
-    for label, m, k in variants:
-      r_row = row if k in (None, f.top_k) else {**row, "mixer": label, "by_length": {},
-                                                "seconds": {}, "top_k": k}
+    for label, m, extra in variants:
+      r_row = row if extra is None else {**row, "mixer": label, "by_length": {},
+                                         "seconds": {}, **extra}
       for n in lengths:
         dense_gb = 4 * heads * n * n * 4 / 2**30  # batch 4, fp32 scores
         if name != "landmark" and dense_gb > f.max_dense_gb:
@@ -165,7 +175,10 @@ def main(argv):
       f"d_model {c.model.d_model}, {c.model.num_layers} layers, trained at {f.train_len} "
       f"tokens for {f.steps} steps, batch {f.batch_size}, up to {c.data.max_tail} haystack "
       f"tokens after the training answer; landmark block {f.block_size} "
-      f"(landmark included), top-k {f.top_k} at test time; {f.examples} held-out examples "
+      f"(landmark included), top-k {f.top_k} at test time"
+      + (" with the block before each token's always among them (`keep_previous`; "
+         "`landmark (plain top-k)`: without)" if f.keep_previous else "")
+      + f"; {f.examples} held-out examples "
       f"per length, needle depth uniform). Cells: fraction whose whole passkey is retrieved.",
       "",
       "| model | params | " + " | ".join(f"{n} ({n / f.train_len:g}x)" for n in lengths) + " |",

@@ -82,6 +82,10 @@ class LandmarkConfig(AttentionConfig):
   exact_len: document positions below this use the exact grouped softmax; later ones
     retrieve. A multiple of ``block_size``; 0 = always retrieve.
   kv_memory: where ``init_state`` keeps the KV cache: "device" or "pinned_host".
+  keep_previous: when retrieving, the block just before the query's is always one of its
+    ``top_k`` (selected whatever its landmark score; its weight is still the grouped
+    softmax's). A token early in its block otherwise sees its recent past only through
+    retrieval; the reference's inference runs the current segment with full local attention.
   (``window`` must stay None.)
   """
 
@@ -90,6 +94,7 @@ class LandmarkConfig(AttentionConfig):
   exact_len: int = 512
   max_len: int = 4096
   kv_memory: str = "device"
+  keep_previous: bool = False
 
   def validate(self, d_model: int) -> None:
     super().validate(d_model)
@@ -102,6 +107,8 @@ class LandmarkConfig(AttentionConfig):
           and self.exact_len % self.block_size == 0, "exact_len",
           f"must be a non-negative multiple of block_size={self.block_size} "
           f"(got {self.exact_len!r})")
+    check(isinstance(self.keep_previous, bool), "keep_previous",
+          f"must be True or False (got {self.keep_previous!r})")
     check(self.kv_memory in KV_MEMORY, "kv_memory",
           f"must be one of {KV_MEMORY} (got {self.kv_memory!r})")
 
@@ -236,6 +243,8 @@ class Landmark(Attention):
     sel = jnp.einsum("bqhd,bchd->bhqc", qf,
                      rope(lm_keys, b * bs - 1, theta).astype(jnp.float32))
     sel = jnp.where(jnp.arange(nb) < b, sel, -jnp.inf)
+    if self.cfg.keep_previous:
+      sel = jnp.where(jnp.arange(nb) == b - 1, jnp.inf, sel)
     top_s, top_i = jax.lax.top_k(sel, kk)  # [B, H, n, kk]
     valid = top_s > -jnp.inf
     order = jnp.sort(jnp.where(valid, top_i, nb), axis=-1)  # chronological, invalid last
@@ -281,6 +290,9 @@ class Landmark(Attention):
     # Ranking: every candidate landmark at the slot just before the query's block.
     sel = self._scores(rope(q, (off + bs)[:, :, None], theta), k_off)  # distance off + 1
     sel = jnp.where((earlier & is_lm)[:, None], sel, -jnp.inf)
+    if self.cfg.keep_previous:
+      prev = earlier & is_lm & (blk[:, None, :] == blk[:, :, None] - 1)
+      sel = jnp.where(prev[:, None], jnp.inf, sel)
     top_s, top_i = jax.lax.top_k(sel, min(kk, t))  # [B, H, T, k]
     valid = top_s > -jnp.inf
     n = valid.sum(-1, keepdims=True)

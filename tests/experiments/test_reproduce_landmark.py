@@ -62,3 +62,17 @@ def test_question_offsets_name_the_lengths_whose_answer_crosses_a_block():
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   _, _, has_lm, _ = model_lib.landmark_layout(jnp.ones((1, 100), jnp.int32), 1, 100, 31)
   assert np.flatnonzero(np.asarray(has_lm[0])).tolist() == [30, 61, 92]
+
+
+def test_retrieval_model_can_keep_the_previous_block():
+  c = reproduce_landmark.mixer_config("landmark", train_len=40, steps=10, batch_size=2,
+                                      block_size=4, top_k=1)
+  c.model.d_model = 16
+  config_lib.validate(c, num_devices=1)
+  c = config_lib.resolve(c)
+  trained = model_lib.LM(c.model, rngs=nnx.Rngs(0))
+  tok = jax.random.randint(jax.random.key(0), (1, 40), 0, c.data.vocab_size)
+  plain = reproduce_landmark.retrieval_model(trained, c, exact_len=0, top_k=1)
+  kept = reproduce_landmark.retrieval_model(trained, c, exact_len=0, top_k=1,
+                                            keep_previous=True)
+  assert np.abs(np.asarray(kept(tok)) - np.asarray(plain(tok))).max() > 1e-4

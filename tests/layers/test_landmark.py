@@ -34,9 +34,10 @@ def rope64(x, pos, theta=10000.0):
   return np.concatenate([x[:half] * c - x[half:] * s, x[half:] * c + x[:half] * s])
 
 
-def naive_heads(m, x, *, exact_len, top_k):
+def naive_heads(m, x, *, exact_len, top_k, keep_previous=False):
   """Per-head outputs [B, T, H, Dh] by a float64 loop over queries (the paper's grouped
-  softmax; beyond ``exact_len`` the per-token top-k retrieval with the position mapping)."""
+  softmax; beyond ``exact_len`` the per-token top-k retrieval with the position mapping;
+  ``keep_previous``: the block before the query's is always chosen)."""
   q, k, v = (np.asarray(a, np.float64) for a in m._heads(x))
   _, t, h, dh = q.shape
   out = np.zeros_like(q)
@@ -51,7 +52,8 @@ def naive_heads(m, x, *, exact_len, top_k):
           slot = {c: c for c in chosen}
         else:
           cand = list(range(blk))
-          sel = [score(c * BS + BS - 1, blk * BS - 1) for c in cand]
+          sel = [np.inf if keep_previous and c == blk - 1 else
+                 score(c * BS + BS - 1, blk * BS - 1) for c in cand]
           chosen = sorted(c for _, c in sorted(zip(sel, cand), reverse=True)[:top_k])
           slot = {c: blk - len(chosen) + r for r, c in enumerate(chosen)}
         # top group: own block's tokens (not its landmark) + the chosen blocks' landmarks
@@ -95,6 +97,23 @@ def test_topk_retrieval_matches_float64_loop(x):
   np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
   exact = np.asarray(_fwd(make(exact_len=64), x))
   assert np.abs(got - exact)[:, 12:].max() > 1e-2  # retrieval really dropped blocks
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_keep_previous_matches_float64_loop_in_every_form(x, top_k):
+  """The block before the query's is always retrieved: blockwise (parallel), step and
+  packed forms against the float64 loop; it changes the output where top-k dropped it."""
+  m = make(exact_len=0, top_k=top_k, keep_previous=True)
+  want = project(m, naive_heads(m, x, exact_len=0, top_k=top_k, keep_previous=True))
+  np.testing.assert_allclose(np.asarray(_fwd(m, x)), want, atol=2e-5, rtol=0)
+  y, _ = _step(m, x, m.init_state(B))
+  np.testing.assert_allclose(np.asarray(y), want, atol=2e-5, rtol=0)
+  seg = jnp.array([[0] * 9 + [1] * 13] * B)
+  packed = np.asarray(nnx.jit(lambda m, x, s: m(x, s))(m, x, seg))
+  np.testing.assert_allclose(packed[:, :9], np.asarray(_fwd(m, x[:, :9])), atol=2e-5, rtol=0)
+  np.testing.assert_allclose(packed[:, 9:], np.asarray(_fwd(m, x[:, 9:])), atol=2e-5, rtol=0)
+  plain = np.asarray(_fwd(make(exact_len=0, top_k=top_k), x))
+  assert np.abs(plain - want).max() > 1e-2  # plain top-k drops the previous block somewhere
 
 
 def test_k_all_blocks_equals_grouped_softmax_training_forward(x):
@@ -166,6 +185,7 @@ def test_host_memory_cache_matches_device_cache(x):
 def test_bad_config_names_the_field():
   from layers.common import ConfigError  # pylint: disable=g-import-not-at-top
   for field, value in [("block_size", 1), ("exact_len", 6), ("top_k", 0),
+                       ("keep_previous", 1),
                        ("kv_memory", "disk"), ("window", 8)]:
     with pytest.raises(ConfigError) as e:
       make(**{field: value})
