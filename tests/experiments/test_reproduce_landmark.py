@@ -10,15 +10,20 @@ from lcm import config as config_lib
 from lcm import model as model_lib
 
 
-def test_retrieval_model_shares_weights_and_matches_exact_mode_when_k_covers_all():
+def _tiny_landmark_lm(top_k):
+  """(resolved config, an untrained d_model-16 landmark LM of it, 40 random tokens)."""
   c = reproduce_landmark.mixer_config("landmark", train_len=40, steps=10, batch_size=2,
-                                      block_size=4, top_k=2)
+                                      block_size=4, top_k=top_k)
   c.model.d_model = 16
   config_lib.validate(c, num_devices=1)
   c = config_lib.resolve(c)
-  assert c.model.mixers.landmark["exact_len"] >= 40 + 40 // 3  # training is exact
-  trained = model_lib.LM(c.model, rngs=nnx.Rngs(0))
   tok = jax.random.randint(jax.random.key(0), (1, 40), 0, c.data.vocab_size)
+  return c, model_lib.LM(c.model, rngs=nnx.Rngs(0)), tok
+
+
+def test_retrieval_model_shares_weights_and_matches_exact_mode_when_k_covers_all():
+  c, trained, tok = _tiny_landmark_lm(top_k=2)
+  assert c.model.mixers.landmark["exact_len"] >= 40 + 40 // 3  # training is exact
   want = np.asarray(trained(tok))
   every = reproduce_landmark.retrieval_model(trained, c, exact_len=0, top_k=16)
   np.testing.assert_allclose(np.asarray(every(tok)), want, atol=2e-5, rtol=0)
@@ -65,13 +70,7 @@ def test_question_offsets_name_the_lengths_whose_answer_crosses_a_block():
 
 
 def test_retrieval_model_can_keep_the_previous_block():
-  c = reproduce_landmark.mixer_config("landmark", train_len=40, steps=10, batch_size=2,
-                                      block_size=4, top_k=1)
-  c.model.d_model = 16
-  config_lib.validate(c, num_devices=1)
-  c = config_lib.resolve(c)
-  trained = model_lib.LM(c.model, rngs=nnx.Rngs(0))
-  tok = jax.random.randint(jax.random.key(0), (1, 40), 0, c.data.vocab_size)
+  c, trained, tok = _tiny_landmark_lm(top_k=1)
   plain = reproduce_landmark.retrieval_model(trained, c, exact_len=0, top_k=1)
   kept = reproduce_landmark.retrieval_model(trained, c, exact_len=0, top_k=1,
                                             keep_previous=True)
