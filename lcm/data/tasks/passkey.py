@@ -43,8 +43,9 @@ question across a block boundary fails (NOTES.md, session 8). Causal models neve
 tail before they answer.
 
 ``loss_mask`` is 1 at the ``L`` answer positions (the last ``L`` when ``max_tail == 0``)
-and 0 elsewhere (elsewhere the target is simply the next token). An example is *retrieved* when all ``L`` predictions are right (for
-greedy decoding that is the same event: every step then sees the correct previous token).
+and 0 elsewhere (elsewhere the target is simply the next token). An example is *retrieved*
+when all ``L`` predictions are right (for greedy decoding that is the same event: every
+step then sees the correct previous token).
 """
 
 from __future__ import annotations
@@ -162,6 +163,15 @@ def _validate(vocab_size, seq_len, passkey_len, needle_depth, prefix: str = "",
 _checked = functools.lru_cache(maxsize=64)(_validate)
 
 
+def _answer_end(rng, seq_len: int, k: int, max_tail: int):
+  """``(t, loss_mask)``: the answer ends at ``t = seq_len - r``, ``r`` uniform in
+  ``[0, max_tail]`` (no draw when ``max_tail == 0``); the mask is 1 at ``[t - k, t)``."""
+  t = seq_len - (int(rng.integers(0, max_tail + 1)) if max_tail else 0)
+  loss_mask = np.zeros(seq_len, np.float32)
+  loss_mask[t - k:t] = 1.0
+  return t, loss_mask
+
+
 def passkey_example(index: int, *, seed: int, vocab_size: int, seq_len: int,
                     passkey_len: int = 4, needle_depth: float = -1.0, num_needles: int = 1,
                     needle_kind: str = "number", max_tail: int = 0) -> dict[str, np.ndarray]:
@@ -181,9 +191,7 @@ def passkey_example(index: int, *, seed: int, vocab_size: int, seq_len: int,
   if n == 1:
     digits = lo + rng.integers(0, hi - lo, size=k)
     depth = rng.random() if needle_depth < 0 else float(needle_depth)
-    t = n_all - (int(rng.integers(0, max_tail + 1)) if max_tail else 0)
-    loss_mask = np.zeros(n_all, np.float32)
-    loss_mask[t - k:t] = 1.0
+    t, loss_mask = _answer_end(rng, n_all, k, max_tail)
     pos = int(round(depth * (t - 2 * k - 1)))
     full = rng.integers(hay0, v, size=n_all + 1)
     full[pos] = NEEDLE
@@ -197,9 +205,7 @@ def passkey_example(index: int, *, seed: int, vocab_size: int, seq_len: int,
   keys = hay0 + rng.choice(v - hay0, size=n, replace=False)
   q = int(rng.integers(0, n))  # the queried needle
   depth = rng.random() if needle_depth < 0 else float(needle_depth)
-  t = n_all - (int(rng.integers(0, max_tail + 1)) if max_tail else 0)
-  loss_mask = np.zeros(n_all, np.float32)
-  loss_mask[t - k:t] = 1.0
+  t, loss_mask = _answer_end(rng, n_all, k, max_tail)
   needle_len = k + 2
   region = t - k - 1  # full[:region] holds haystack + needles; the question follows
   free = region - n * needle_len
