@@ -63,3 +63,22 @@ def test_attention_kind_names_the_strongest_attention_of_any_pattern():
   assert rjr.attention_kind("mamba2,landmark,landmark") == "dense grouped softmax (as trained)"
   assert rjr.attention_kind("mamba2, landmark") == "dense grouped softmax (as trained)"
   assert rjr.attention_kind("swa,attention") == "dense causal"
+
+
+def test_config_blocks_hold_one_pair_each_at_seq_64_and_split_them_at_65():
+  """The reading of results/joint_recall.md relies on this layout fact: with the config's
+  landmark blocks (2 tokens + a landmark), seq 64 puts every context (key, value) pair in one
+  block, and the robustness run's seq 65 puts every pair across a block boundary."""
+  c = joint_recall.get_config("mamba2,landmark")
+  every = c.model.mixers.landmark["block_size"] - 1
+  d = c.data
+  for seq_len, same_block in ((64, True), (65, False)):
+    _, _, has_lm, _ = model_lib.landmark_layout(None, 1, seq_len, every)
+    block = np.cumsum(np.concatenate([[0], np.asarray(has_lm[0])[:-1]]))  # block of each token
+    for index in range(3):
+      inputs = jr.joint_recall_example(index, seed=0, vocab_size=d.vocab_size, seq_len=seq_len,
+                                       num_contexts=d.num_contexts, num_keys=d.num_keys,
+                                       num_queries=d.num_queries)["inputs"]
+      for p in np.flatnonzero(inputs == jr.CONTEXT):
+        keys = p + 2 + 2 * np.arange(d.num_keys)  # key positions; the value follows each
+        assert np.all((block[keys] == block[keys + 1]) == same_block), (seq_len, index, p)
