@@ -44,6 +44,8 @@ def _define_flags():
   flags.DEFINE_integer("steps", None, "Training steps (default: the config's).")
   flags.DEFINE_integer("num_layers", None, "Layers (default: the config's 2); every pattern "
                        "is repeated to fill them, so its length must divide this.")
+  flags.DEFINE_integer("seq_len", None, "Sequence length (default: the config's 64); the "
+                       "landmark exact_len grows with it (with_seq_len).")
   flags.DEFINE_list("top_k", ["1", "2", "4"], "Sparse evaluations of the landmark model.")
   flags.DEFINE_string("runs", "runs/joint_recall", "Workdirs root.")
   flags.DEFINE_string("out", "results/joint_recall", "Output prefix (<out>.md, <out>.csv, <out>/).")
@@ -58,6 +60,17 @@ def attention_kind(pattern: str) -> str:
     if name in names:
       return kind
   return "none (SSM alone)"
+
+
+def with_seq_len(config, seq_len: int):
+  """``config`` at ``seq_len``, its landmark ``exact_len`` raised (to a multiple of the block
+  size) to cover the extended row -- ``seq_len`` tokens plus a landmark after every
+  ``block_size - 1`` -- so that training stays the exact grouped softmax."""
+  config.data.seq_len = int(seq_len)
+  lm = config.model.mixers.landmark
+  ext = config.data.seq_len + config.data.seq_len // (lm.block_size - 1)
+  lm.exact_len = max(lm.exact_len, -(-ext // lm.block_size) * lm.block_size)
+  return config
 
 
 def answer_kinds(inputs: np.ndarray, preds: np.ndarray, num_keys: int,
@@ -154,6 +167,8 @@ def main(argv):
     base.train.steps = f.steps
   if f.num_layers:
     base.model.num_layers = f.num_layers
+  if f.seq_len:
+    base = with_seq_len(base, f.seq_len)
   points = [{"model.pattern": p.strip()} for p in f.patterns.split("|") if p.strip()]
   runs = sweep.run_grid(base, points, f.runs)
   rows, histories = [], {}

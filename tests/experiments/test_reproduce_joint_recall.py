@@ -82,3 +82,13 @@ def test_config_blocks_hold_one_pair_each_at_seq_64_and_split_them_at_65():
       for p in np.flatnonzero(inputs == jr.CONTEXT):
         keys = p + 2 + 2 * np.arange(d.num_keys)  # key positions; the value follows each
         assert np.all((block[keys] == block[keys + 1]) == same_block), (seq_len, index, p)
+
+
+def test_with_seq_len_keeps_training_exact_over_the_extended_row():
+  for seq_len in (64, 65, 100):
+    c = rjr.with_seq_len(joint_recall.get_config("mamba2,landmark"), seq_len)
+    lm = c.model.mixers.landmark
+    *_, ext = model_lib.landmark_layout(None, 1, seq_len, lm.block_size - 1)
+    assert c.data.seq_len == seq_len and lm.exact_len % lm.block_size == 0
+    assert ext <= lm.exact_len < ext + lm.block_size, (seq_len, ext, lm.exact_len)
+    config_lib.validate(c, num_devices=1)
