@@ -114,10 +114,12 @@ class LandmarkConfig(AttentionConfig):
 
 
 def _lse(s, mask, axis=-1):
-  """Masked log-sum-exp (finite -1e30 where the mask is empty)."""
+  """Masked log-sum-exp (finite -1e30 where the mask is empty). Entries outside the mask
+  never reach exp: above the max they would overflow, and where(mask, inf, 0) has a NaN
+  gradient."""
   m = jnp.max(jnp.where(mask, s, _NEG), axis=axis, keepdims=True)
   m = jax.lax.stop_gradient(jnp.where(m > _NEG / 2, m, 0.0))
-  e = jnp.where(mask, jnp.exp(s - m), 0.0).sum(axis=axis, keepdims=True)
+  e = _exp_where(mask, s - m).sum(axis=axis, keepdims=True)
   return jnp.where(e > 0, jnp.log(jnp.maximum(e, 1e-38)) + m, _NEG)
 
 

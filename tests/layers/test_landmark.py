@@ -161,6 +161,29 @@ def test_weights_sum_to_one_and_landmarks_get_none():
   np.testing.assert_allclose(w[i, 4:7].sum(), p[3], rtol=1e-5)
 
 
+def test_masked_out_scores_never_reach_the_gradient():
+  """A score the mask hides (here a future key's) may be huge: exp(s - max) overflows to
+  inf there, and where(mask, inf, 0) has a NaN gradient (inf * 0). The weights and their
+  gradient must be those of the same scores with the hidden entries set to 0. (Found as a
+  NaN gradient at step 596 of a joint-recall run, session 9.)"""
+  t = 11
+  s = jax.random.normal(jax.random.key(3), (1, 1, t, t)) * 3
+  pos = jnp.arange(t)[None]
+  vis = (pos[0][:, None] >= pos[0][None, :])[None]
+  grp = (pos - pos % BS).astype(jnp.int32)
+  future = np.triu(np.ones((t, t), bool), 1)
+  r = jax.random.normal(jax.random.key(4), (t, t))
+  for group in (None, grp):
+    f = jax.jit(jax.value_and_grad(lambda z, g=group: jnp.sum(
+        landmark_lib.grouped_softmax_weights(z, pos, pos, vis, g, BS) * r)))
+    val0, g0 = f(jnp.where(future, 0.0, s))
+    val, g = f(jnp.where(future, 200.0, s))  # exp(200) overflows fp32
+    assert np.all(np.isfinite(np.asarray(g))), group
+    np.testing.assert_allclose(float(val), float(val0), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(g), np.asarray(g0), atol=1e-6)
+    assert np.all(np.asarray(g)[0, 0][future] == 0)
+
+
 def test_gradients_flow_through_gates_and_retrieval(x):
   m = make(exact_len=8, top_k=2)
   g = nnx.jit(lambda m, xx: jax.grad(lambda z: jnp.sum(m(z) ** 2))(xx))(m, x)
