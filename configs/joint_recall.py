@@ -19,8 +19,8 @@ exact grouped softmax (`exact_len` 96 = the extended row: 64 tokens + 32 landmar
 `experiments.reproduce_joint_recall` also evaluates the trained model with `exact_len=0`
 (every query attends only to its own block and its `top_k` retrieved blocks: 2 tokens + k
 landmark-selected blocks of 2). At seq 64 the padding is even, so every (key, value) pair
-fills exactly one block; `--config.data.seq_len=65` shifts every pair across a block
-boundary (the robustness run in results/joint_recall.md). Session 6 used blocks of 8
+fills exactly one block; `experiments.reproduce_joint_recall --seq_len=65` shifts every pair
+across a block boundary (and raises `exact_len`): the robustness run, 0.574. Session 6 used blocks of 8
 (3-4 pairs per block): the hybrid then found the key but chose the context at chance
 (0.52). The sliding window (3 tokens: a query's key sees itself, its context id and the
 token before) never reaches a context block from a query, so anything `mamba2,swa` gets
