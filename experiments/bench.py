@@ -127,6 +127,10 @@ _L_CHUNK = flags.DEFINE_integer("layers_chunk_size", 256, "mamba2 chunk_size (la
 _L_TITANS_HEADS = flags.DEFINE_integer("layers_titans_heads", 4, "titans heads (layers).")
 _L_TITANS_CHUNK = flags.DEFINE_integer("layers_titans_chunk", 64, "titans chunk (layers).")
 _L_PEERS = flags.DEFINE_bool("layers_peers", True, "Time the installed peers (layers).")
+_L_ONLY = flags.DEFINE_list("layers_only", [],
+                            "Time only these series (layers; default all): mamba2, s4d, "
+                            "mamba, titans_lmm, mamba2_jax, titans_pytorch, "
+                            "titans_pytorch_matched.")
 _L_MAX_TEMP = flags.DEFINE_float("layers_max_temp_gib", 8.0,
                                  "Skip a JAX point whose compiled temporaries exceed this.")
 # --what=swa
@@ -806,7 +810,7 @@ def main_layers():
       peer_lengths=ints(_L_PEER_LENGTHS.value), ssm_lengths=ints(_L_SSM_LENGTHS.value),
       titans_lengths=ints(_L_TITANS_LENGTHS.value), peers=_L_PEERS.value,
       repeats=_REPEATS.value, max_call_seconds=_MAX_CALL_S.value,
-      max_temp_bytes=int(_L_MAX_TEMP.value * 2**30))
+      max_temp_bytes=int(_L_MAX_TEMP.value * 2**30), only=_L_ONLY.value or None)
   report = {"what": "layers", "batch": 1, "d_model": _L_D_MODEL.value, "dtype": "float32",
             "repeats": _REPEATS.value,
             "timing": ("ms of grad(sum(y)) w.r.t. the layer's parameters and x ~ N(0,1) "
