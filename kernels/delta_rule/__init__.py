@@ -18,9 +18,10 @@ Public API::
 
 Implementations (``impl``):
   * ``"reference"``: per-token ``lax.scan``; the ground truth (slow, O(T) sequential steps).
-  * ``"xla"``: chunked WY form (:func:`reference.delta_rule_chunked`): UT transform by a
-    batched forward substitution, outputs batched over chunks, a ``lax.scan`` for the state
-    hand-off; fp32 compute, differentiated by ordinary autodiff; the default on CPU.
+  * ``"xla"``: chunked WY form (:func:`reference.delta_rule_chunked`): a ``lax.scan`` over
+    chunks whose checkpointed step does one chunk's UT transform (blocked forward
+    substitution), outputs and state hand-off; fp32 compute, differentiated by ordinary
+    autodiff; the default on CPU.
   * ``"pallas_tpu"``: Mosaic TPU kernel, grid (B, H, chunks), state in VMEM scratch.
   * ``"pallas_gpu"``: Pallas Triton kernel, grid (B, H, Dv blocks), chunks looped in-kernel.
   * ``"auto"``: ``pallas_tpu`` on TPU, ``pallas_gpu`` on GPU, ``xla`` otherwise.
