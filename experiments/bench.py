@@ -78,6 +78,7 @@ from kernels import chunked_scan, delta_rule, diag_scan
 from lcm import config as config_lib
 from lcm import model as model_lib
 from lcm import registry
+from lcm.evals import throughput
 
 _WHAT = flags.DEFINE_enum("what", "decode", ["decode", "kernels", "layers", "swa"],
                           "Which benchmark (may also be given as the positional argument).")
@@ -479,25 +480,8 @@ def cpu_threads() -> int:
     return os.cpu_count() or 1
 
 
-def _count(tree) -> int:
-  return int(sum(np.size(x) for x in jax.tree.leaves(tree)))
-
-
 def _peer_installed(dist: str) -> bool:
   return importlib.util.find_spec(LAYER_PEERS[dist]) is not None
-
-
-def _jax_layer_grad(module, call):
-  """``(f, params, n_params)``: ``f(params, x)`` is the jitted ``jax.grad`` of
-  ``sum(call(module, x))`` w.r.t. the module's ``nnx.Param``s and ``x`` (the module is split
-  once into pure dicts and merged inside the trace)."""
-  graphdef, params, rest = nnx.split(module, nnx.Param, ...)
-  params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
-
-  def loss(params, x):
-    return jnp.sum(call(nnx.merge(graphdef, params, rest), x).astype(jnp.float32))
-
-  return jax.jit(jax.grad(loss, argnums=(0, 1))), params, _count(params)
 
 
 def _titans_overrides(heads: int, chunk: int) -> dict:
@@ -636,7 +620,7 @@ def layer_benchmark(*, batch=1, d_model=256, d_state=64, head_dim=64, expand=2,
       continue
     points = {}
     if spec["kind"] == "jax":
-      f, params, n_params = _jax_layer_grad(module, call)
+      f, params, n_params = throughput.layer_grad(module, call)
     else:
       n_params = int(sum(p.numel() for p in module.parameters()))
     out[name] = {**info, "params": n_params, "points": points}
