@@ -249,22 +249,6 @@ def _chunk_end_terms(k, g, seg):
   return k_out, decay
 
 
-def chunk_states(s0, k, w, u, g, seg):
-  """Sequential hand-off ``S' = gamma_C S + K_out^T (U - W S)`` over chunks.
-
-  Returns ``(h, S_final)``: ``h`` ``[B,H,N,Dk,Dv]`` the state entering each chunk."""
-  k_out, decay = _chunk_end_terms(k, g, seg)
-  mv = lambda x: jnp.moveaxis(x, 2, 0)
-
-  def step(s, xs):
-    ko, w_, u_, d = xs
-    vn = u_ - jnp.einsum("bhcd,bhde->bhce", w_, s, precision=_HI)
-    return d * s + jnp.einsum("bhcd,bhce->bhde", ko, vn, precision=_HI), s
-
-  sf, h = lax.scan(step, s0, (mv(k_out), mv(w), mv(u), mv(decay)))
-  return jnp.moveaxis(h, 0, 2), sf
-
-
 def chunk_outputs(h, q, k, w, u, g, seg):
   """Given the state entering every chunk, everything else in parallel over chunks.
 
@@ -300,8 +284,8 @@ def delta_rule_chunked(q, k, v, beta, log_decay=None, initial_state=None, reset=
   work (UT transform, scores, outputs, state hand-off: :func:`wy_transform` and
   :func:`chunk_outputs` on a single chunk), so every ``[H, C, C]`` temporary is built and
   used while it is small, and the backward recomputes one chunk at a time from the saved
-  chunk-entry states (the form batched over all chunks, :func:`prepare_chunks` +
-  :func:`chunk_states` + :func:`chunk_outputs`, is what the Pallas path uses). T need not
+  chunk-entry states (the Pallas path uses the same pieces batched over all chunks:
+  :func:`prepare_chunks` before its kernels, :func:`chunk_outputs` in its backward). T need not
   be a multiple of ``chunk_size``. Session 10, same process, fwd+bwd at B=1, H=4, D=64,
   chunk 64, gated: 378 -> 209 ms at T=16384 and 84 -> 46 ms at T=4096 against the batched
   form (gradients equal to ~1e-7 relative).
