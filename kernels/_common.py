@@ -87,6 +87,32 @@ def pad_time(x, tp, value=0):
   return jnp.pad(x, pad, constant_values=value)
 
 
+def scan_chunks(x, chunk):
+  """``[B, T, H, ...]`` -> ``[N, B, H, 1, C, ...]`` (T front-padded to ``N * C``): the
+  per-step inputs of a ``lax.scan`` over chunks, each step one chunk in the batched-chunk
+  layout ``[B, H, N=1, C, ...]`` of the chunked forms."""
+  B, T = x.shape[:2]
+  N = -(-T // chunk)
+  x = pad_time(x, N * chunk)
+  x = x.reshape((B, N, chunk) + x.shape[2:])
+  return jnp.moveaxis(x, (1, 3), (0, 2))[:, :, :, None]
+
+
+def unscan_chunks(o, T):
+  """The stacked per-chunk outputs ``[N, B, H, C, D]`` of a scan over chunks ->
+  ``[B, T, H, D]`` (the front padding dropped)."""
+  N, B, H, C, D = o.shape
+  return jnp.moveaxis(o, (0, 2), (1, 3)).reshape(B, N * C, H, D)[:, N * C - T:]
+
+
+def scan_resets(reset, chunk):
+  """``reset [B, T]`` bool -> ``[N, B, C]`` int32 per-chunk reset flags (front-padded with
+  no reset), the per-step input from which a step's within-chunk ``seg`` is a cumsum."""
+  B, T = reset.shape
+  N = -(-T // chunk)
+  return jnp.moveaxis(pad_time(reset.astype(jnp.int32), N * chunk).reshape(B, N, chunk), 1, 0)
+
+
 def pow2(d) -> int:
   """The smallest power of two >= ``d`` and >= 16 (Triton tile sides, ``tl.dot`` >= 16)."""
   return max(16, 1 << (int(d) - 1).bit_length())

@@ -37,7 +37,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from kernels._common import pad_time, segment_sum, suffix_sum
+from kernels._common import (pad_time, scan_chunks, scan_resets, segment_sum, suffix_sum,
+                             unscan_chunks)
 
 _HI = lax.Precision.HIGHEST
 NEG_INF = -jnp.inf
@@ -156,8 +157,6 @@ def linear_recurrence_chunked(q, k, v, log_decay=None, initial_state=None, reset
   C = int(chunk_size)
   if C < 1:
     raise ValueError(f"chunk_size must be >= 1; got {chunk_size}.")
-  N = -(-T // C)
-  Tp = N * C
   f32 = jnp.float32
   out_dtype = q.dtype
   s0 = (jnp.zeros((B, H, Dk, Dv), f32) if initial_state is None
@@ -167,15 +166,11 @@ def linear_recurrence_chunked(q, k, v, log_decay=None, initial_state=None, reset
 
   # Per-key-channel decays (GLA): a checkpointed scan over chunks too (see _chunk_scan),
   # each step the GLA chunk form on one chunk (a singleton chunk axis).
-  def chunk_major(x):  # [B,T,H,...] -> [N,B,H,1,C,...]
-    x = pad_time(x.astype(f32), Tp)
-    x = x.reshape((B, N, C) + x.shape[2:])
-    return jnp.moveaxis(x, (1, 3), (0, 2))[:, :, :, None]
-
-  xs = {"q": chunk_major(expand_groups(q, H)), "k": chunk_major(expand_groups(k, H)),
-        "v": chunk_major(v), "g": chunk_major(log_decay)}
+  xs = {"q": scan_chunks(expand_groups(q, H).astype(f32), C),
+        "k": scan_chunks(expand_groups(k, H).astype(f32), C),
+        "v": scan_chunks(v.astype(f32), C), "g": scan_chunks(log_decay.astype(f32), C)}
   if reset is not None:
-    xs["r"] = jnp.moveaxis(pad_time(reset.astype(jnp.int32), Tp).reshape(B, N, C), 1, 0)
+    xs["r"] = scan_resets(reset, C)
 
   @jax.checkpoint
   def step(s, x):  # s [B,H,Dk,Dv]; q, k, g [B,H,1,C,Dk]; v [B,H,1,C,Dv]
@@ -196,8 +191,7 @@ def linear_recurrence_chunked(q, k, v, log_decay=None, initial_state=None, reset
     return chunk_decay[:, :, 0] * s + u, o[:, :, 0]
 
   sf, o = lax.scan(step, s0, xs)  # o: [N,B,H,C,Dv]
-  o = jnp.moveaxis(o, (0, 2), (1, 3)).reshape(B, Tp, H, Dv)[:, Tp - T:]
-  return o.astype(out_dtype), sf
+  return unscan_chunks(o, T).astype(out_dtype), sf
 
 
 def _chunk_scan(q, k, v, log_decay, s0, reset, C, kind):
@@ -238,8 +232,7 @@ def _chunk_scan(q, k, v, log_decay, s0, reset, C, kind):
   if kind == "scalar":
     xs["g"] = jnp.moveaxis(chunk_major(log_decay.astype(f32).reshape(B, T, G, R)), 3, 4)
   if reset is not None:
-    r = pad_time(reset.astype(jnp.int32), Tp).reshape(B, N, C)
-    xs["r"] = jnp.moveaxis(r, 1, 0)  # [N,B,C]
+    xs["r"] = scan_resets(reset, C)
   causal = jnp.tril(jnp.ones((C, C), bool))
 
   @jax.checkpoint

@@ -49,7 +49,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from kernels._common import pad_time, segment_sum, suffix_sum
+from kernels._common import (pad_time, scan_chunks, scan_resets, segment_sum, suffix_sum,
+                             unscan_chunks)
 
 _HI = lax.Precision.HIGHEST
 NEG_INF = -jnp.inf
@@ -296,21 +297,12 @@ def delta_rule_chunked(q, k, v, beta, log_decay=None, initial_state=None, reset=
   B, T, H, Dk = q.shape
   Dv = v.shape[-1]
   C = int(chunk_size)
-  N = -(-T // C)
-  Tp = N * C
   f32 = jnp.float32
-
-  def chunk_major(x):  # [B,T,H,...] -> [N,B,H,1,C,...] (one chunk per scan step)
-    x = pad_time(x.astype(f32), Tp)
-    x = x.reshape((B, N, C) + x.shape[2:])
-    return jnp.moveaxis(x, (1, 3), (0, 2))[:, :, :, None]
-
-  xs = {"q": chunk_major(q), "k": chunk_major(k), "v": chunk_major(v),
-        "beta": chunk_major(beta)}
-  if log_decay is not None:
-    xs["g"] = chunk_major(log_decay)
+  xs = {name: scan_chunks(x.astype(f32), C)  # one chunk per scan step
+        for name, x in (("q", q), ("k", k), ("v", v), ("beta", beta), ("g", log_decay))
+        if x is not None}
   if reset is not None:
-    xs["r"] = jnp.moveaxis(pad_time(reset.astype(jnp.int32), Tp).reshape(B, N, C), 1, 0)
+    xs["r"] = scan_resets(reset, C)
   s0 = (jnp.zeros((B, H, Dk, Dv), f32) if initial_state is None
         else initial_state.astype(f32))
 
@@ -324,5 +316,4 @@ def delta_rule_chunked(q, k, v, beta, log_decay=None, initial_state=None, reset=
     return s_next[:, :, 0], o[:, :, 0]
 
   sf, o = lax.scan(step, s0, xs)  # o: [N,B,H,C,Dv]
-  o = jnp.moveaxis(o, (0, 2), (1, 3)).reshape(B, Tp, H, Dv)[:, Tp - T:]
-  return o.astype(q.dtype), sf
+  return unscan_chunks(o, T).astype(q.dtype), sf
