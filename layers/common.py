@@ -106,8 +106,46 @@ def zeros_init(key, shape, dtype):
   return jnp.zeros(shape, dtype)
 
 
+@jax.custom_vjp
+def dense(x: jax.Array, w: jax.Array) -> jax.Array:
+  """``x [..., d_in] @ w [d_in, *out] -> [..., *out]`` (a ``tensordot``), with a backward
+  written as the two plain matmuls ``dx = dy w^T`` and ``dw = x^T dy`` (contracting over
+  every leading axis of ``x`` and ``dy``).
+
+  Same values as autodiff of the ``tensordot`` (up to summation order); the reason is
+  XLA:CPU. Autodiff's weight gradient is ``dot(dy, x)`` over the token axes followed by a
+  transpose; XLA:CPU folds that transpose into the operands and writes the whole
+  ``[tokens, out]`` cotangent transposed (a strided copy as large as an activation) before
+  the dot. Written as ``x^T dy``, the dot reads both operands as they are. Measured in one
+  process (session 11, fwd+bwd of ``silu(u W_z) * tanh(u W_x)``, u ``[1, 4096, 256]``,
+  W ``[256, 512]`` each): 62 -> 30 ms; the Mamba2 layer: 155 -> 136 ms. The forward is
+  the plain ``tensordot``, so forward-mode autodiff (``jax.jvp``) of a Linear is not
+  available; nothing in lcm uses it.
+  """
+  return jnp.tensordot(x, w, axes=((x.ndim - 1,), (0,)))
+
+
+def _dense_fwd(x, w):
+  return dense(x, w), (x, w)
+
+
+def _dense_bwd(res, dy):
+  x, w = res
+  lead, out = x.ndim - 1, w.ndim - 1
+  dw = jnp.tensordot(x, dy, axes=(tuple(range(lead)), tuple(range(lead))))
+  dx = jnp.tensordot(dy, w, axes=(tuple(range(lead, lead + out)), tuple(range(1, 1 + out))))
+  return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+dense.defvjp(_dense_fwd, _dense_bwd)
+
+
 class Linear(nnx.Module):
-  """y = x @ W (+ b). ``axes`` names the kernel's (in, out...) axes; out may be multi-dim."""
+  """y = x @ W (+ b). ``axes`` names the kernel's (in, out...) axes; out may be multi-dim.
+
+  The matmul is :func:`dense` (a backward that XLA:CPU runs without transposed copies).
+  :meth:`parts` splits the first output axis into separate matmuls.
+  """
 
   def __init__(self, d_in: int, out_shape: int | Sequence[int], axes: Sequence[str | None], *,
                use_bias: bool = False, dtype=jnp.float32, param_dtype=jnp.float32,
@@ -120,11 +158,22 @@ class Linear(nnx.Module):
                  if use_bias else None)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    w = self.kernel[...].astype(self.dtype)
-    y = jnp.tensordot(x.astype(self.dtype), w, axes=((x.ndim - 1,), (0,)))
+    y = dense(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     return y
+
+  def parts(self, x: jax.Array) -> tuple[jax.Array, ...]:
+    """``tuple(self(x)[..., i, ...] for i in range(out_shape[0]))``, each part its own
+    matmul with its slice of the kernel. Slicing one matmul's output instead makes the
+    backward assemble the parts' cotangents into one ``[..., *out]`` array (a padded copy
+    per part, then a sum) before the weight gradient; here only the small weight
+    gradients are stacked. Mamba2's ``z | x`` projection: 6 ms less of ~130 (session 11)."""
+    w = self.kernel[...].astype(self.dtype)
+    b = None if self.bias is None else self.bias[...].astype(self.dtype)
+    x = x.astype(self.dtype)
+    return tuple(dense(x, w[:, i]) + (0 if b is None else b[i])
+                 for i in range(self.out_shape[0]))
 
 
 class RMSNorm(nnx.Module):

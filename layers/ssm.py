@@ -542,8 +542,7 @@ class Mamba2(nnx.Module):
     cfg = self.cfg
     bsz, t, _ = u.shape
     n, p, g, h = cfg.d_state, cfg.head_dim, cfg.ngroups, self.num_heads
-    zx = self.zx_proj(u)
-    z, x = zx[:, :, 0], zx[:, :, 1]
+    z, x = self.zx_proj.parts(u)
     bc = self.bc_proj(u).reshape(bsz, t, 2 * g * n)
     x = jax.nn.silu(conv_x(x))
     bc = jax.nn.silu(conv_bc(bc))

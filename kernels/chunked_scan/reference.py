@@ -43,6 +43,7 @@ from kernels._common import (pad_time, scan_chunks, scan_resets, segment_sum, su
 _HI = lax.Precision.HIGHEST
 NEG_INF = -jnp.inf
 PAIR_SUB_CHUNK = 16  # sub-chunk of pair_decays (per-head decays)
+CAUSAL_TILE = 64  # per-head decays, chunks of >= 2 such tiles: see _tiled_intra_chunk
 
 
 def decay_kind(v, log_decay, dk) -> str:
@@ -234,6 +235,7 @@ def _chunk_scan(q, k, v, log_decay, s0, reset, C, kind):
   if reset is not None:
     xs["r"] = scan_resets(reset, C)
   causal = jnp.tril(jnp.ones((C, C), bool))
+  tiled = kind == "scalar" and C % CAUSAL_TILE == 0 and C >= 2 * CAUSAL_TILE
 
   @jax.checkpoint
   def step(s, x):  # s: [B,G,R,Dk,Dv]; q, k: [B,G,C,Dk]; v: [B,G,R,C,Dv]; g: [B,G,R,C]
@@ -248,21 +250,26 @@ def _chunk_scan(q, k, v, log_decay, s0, reset, C, kind):
       mask = causal
       first = to_end = jnp.ones((1, 1, 1, C), bool)
       keeps = jnp.ones((1, 1, 1), bool)
-    scores = jnp.einsum("bgcd,bgsd->bgcs", qn, kn, precision=_HI)[:, :, None]  # [B,G,1,C,C]
     if kind == "none":
-      a = jnp.where(mask, scores, 0.0)
+      scores = jnp.einsum("bgcd,bgsd->bgcs", qn, kn, precision=_HI)[:, :, None]
+      a = jnp.where(mask, scores, 0.0)  # [B,G,1,C,C]
       v_out = jnp.where(to_end[..., None], vn, 0.0)
       out_scale = first.astype(f32)
       chunk_decay = keeps.astype(f32)
     else:
       gn = x["g"]
       b = jnp.cumsum(gn, axis=-1)  # inclusive prefix sums: decay from the chunk start
-      a = scores * pair_decays(gn, mask)
+      if not tiled:
+        scores = jnp.einsum("bgcd,bgsd->bgcs", qn, kn, precision=_HI)[:, :, None]
+        a = scores * pair_decays(gn, mask)  # [B,G,R,C,C]
       v_out = vn * jnp.exp(jnp.where(to_end, suffix_sum(gn), NEG_INF))[..., None]
       out_scale = jnp.exp(jnp.where(first, b, NEG_INF))  # [B,G,R,C]
       chunk_decay = jnp.where(keeps, jnp.exp(b[..., -1]), 0.0)  # [B,G,R]
-    o = jnp.einsum("bgrcs,bgrse->bgrce", jnp.broadcast_to(a, (B, G, R, C, C)), vn,
-                   precision=_HI)
+    if tiled:
+      o = _tiled_intra_chunk(qn, kn, vn, gn, seg if "r" in x else None, CAUSAL_TILE)
+    else:
+      o = jnp.einsum("bgrcs,bgrse->bgrce", jnp.broadcast_to(a, (B, G, R, C, C)), vn,
+                     precision=_HI)
     o = o + jnp.einsum("bgcd,bgrde->bgrce", qn, s, precision=_HI) * out_scale[..., None]
     u = jnp.einsum("bgcd,bgrce->bgrde", kn, v_out, precision=_HI)
     return chunk_decay[..., None, None] * s + u, o
@@ -270,6 +277,61 @@ def _chunk_scan(q, k, v, log_decay, s0, reset, C, kind):
   sf, o = lax.scan(step, s0.reshape(B, G, R, Dk, Dv), xs)  # o: [N,B,G,R,C,Dv]
   o = jnp.transpose(o, (1, 0, 4, 2, 3, 5)).reshape(B, Tp, H, Dv)[:, Tp - T:]
   return o.astype(q.dtype), sf.reshape(B, H, Dk, Dv)
+
+
+def _tiled_intra_chunk(q, k, v, g, seg, t):
+  """The intra-chunk output ``o_i = sum_{j <= i} (q_i . k_j) exp(sum_{j < m <= i} g_m) v_j``
+  of one chunk with per-head decays, from its lower-triangular tiles of ``t`` tokens only.
+
+  ``q, k``: ``[B, G, C, Dk]`` (grouped); ``v``: ``[B, G, R, C, Dv]``; ``g``: ``[B, G, R, C]``;
+  ``seg``: ``[B, 1, 1, C]`` within-chunk reset counts (inclusive cumsum) or ``None``.
+  Returns ``[B, G, R, C, Dv]``.
+
+  Tiles on the diagonal are the masked form on ``t x t`` blocks (``pair_decays``). Row
+  tile ``I`` (tokens ``[L, L + t)``, ``L = I t``) sees every earlier token ``j < L``
+  through the tile boundary: the decay factors exactly as ``exp(sum_{L <= m <= i} g_m)``
+  (a cumsum inside tile ``I``) times ``exp(sum_{j < m < L} g_m)`` (a suffix sum over the
+  first ``L`` tokens), each a sum of exactly the gates in between and ``<= 1`` for
+  ``g <= 0`` (no difference of cumulative sums, as everywhere in this module); a reset
+  between ``j`` and ``i`` lies in one of the two ranges and masks that factor. So the
+  ``[t, L]`` block of scores is one matmul shared by the heads of a group, and the decays
+  scale ``v`` and the output instead of a ``[R, t, L]`` array: no element-wise pass over
+  the chunk's ``[R, C, C]`` decays, and the upper tiles (zero) are never computed. The
+  matmul work of the quadratic part drops to ``(T + 1) / (2 T)`` of the full ``C x C`` form
+  (``T = C / t`` tiles; 10/16 at ``C = 256``). This is still the chunk-``C`` algorithm (the
+  state is carried between chunks of ``C``, and every pair inside a chunk is a score); it
+  is how Mamba2's own kernels skip the causal upper blocks of a chunk.
+
+  Measured (session 11, fwd+bwd, B=1, T=4096, H=8, G=1, D=64, chunk 256, one process):
+  see NOTES.md.
+  """
+  B, G, C, Dk = q.shape
+  R, Dv = v.shape[2], v.shape[4]
+  T = C // t
+  tri = jnp.tril(jnp.ones((t, t), bool))
+  if seg is None:
+    mask = tri
+  else:
+    seg_t = seg.reshape(B, 1, 1, T, t)
+    mask = tri & (seg_t[..., :, None] == seg_t[..., None, :])  # [B,1,1,T,t,t]
+  gt = g.reshape(B, G, R, T, t)
+  scores = jnp.einsum("bgnid,bgnjd->bgnij", q.reshape(B, G, T, t, Dk),
+                      k.reshape(B, G, T, t, Dk), precision=_HI)[:, :, None]
+  o = jnp.einsum("bgrnij,bgrnje->bgrnie", scores * pair_decays(gt, mask),
+                 v.reshape(B, G, R, T, t, Dv), precision=_HI)  # diagonal tiles
+  head = jnp.cumsum(gt, axis=-1)  # [B,G,R,T,t]: from the start of tile I to i, inclusive
+  below = [jnp.zeros((B, G, R, t, Dv), o.dtype)]  # tile 0 has no earlier tokens
+  for i in range(1, T):
+    lo = i * t
+    w, h = suffix_sum(g[..., :lo]), head[..., i, :]  # [B,G,R,lo], [B,G,R,t]
+    if seg is not None:
+      w = jnp.where(seg[..., :lo] == seg[..., lo - 1:lo], w, NEG_INF)  # no reset in (j, lo)
+      h = jnp.where(seg[..., lo:lo + t] == seg[..., lo - 1:lo], h, NEG_INF)  # none in [lo, i]
+    blk = jnp.einsum("bgid,bgjd->bgij", q[:, :, lo:lo + t], k[:, :, :lo], precision=_HI)
+    y = jnp.einsum("bgij,bgrje->bgrie", blk, v[..., :lo, :] * jnp.exp(w)[..., None],
+                   precision=_HI)
+    below.append(y * jnp.exp(h)[..., None])
+  return o.reshape(B, G, R, C, Dv) + jnp.concatenate(below, axis=3)
 
 
 @jax.custom_vjp

@@ -499,3 +499,66 @@ def test_pair_decays_equal_the_dense_exact_form_and_its_autodiff_gradient():
   d_got = jax.grad(lambda g: jnp.sum(pair_decays(g, mask) * w))(g)
   d_want = jax.grad(lambda g: jnp.sum(dense(g) * w))(g)
   np.testing.assert_allclose(d_got, d_want, rtol=0, atol=1e-5 * float(jnp.abs(d_want).max()))
+
+
+@pytest.mark.parametrize("tile,chunk_size", [(8, 16), (8, 32), (16, 48)])
+def test_causal_tiles_match_reference(monkeypatch, tile, chunk_size):
+  """The per-head-decay xla form with causal tiles (``_tiled_intra_chunk``: lower tiles
+  only, decays factored at the tile boundary) == the per-token reference: outputs, final
+  state and every gradient, with resets (incl. inside tiles and at tile starts), an initial
+  state, near-1 and saturated gates, grouped q/k. The tile is made small here so that
+  chunks of 2-4 tiles fit the test shape; production uses CAUSAL_TILE (64)."""
+  from kernels.chunked_scan import reference  # pylint: disable=import-outside-toplevel
+  calls = []
+  real = reference._tiled_intra_chunk  # pylint: disable=protected-access
+
+  def spy(*a):
+    calls.append(a[-1])
+    return real(*a)
+
+  monkeypatch.setattr(reference, "CAUSAL_TILE", tile)
+  monkeypatch.setattr(reference, "_tiled_intra_chunk", spy)
+  x = _inputs("scalar")
+  x["reset"] = x["reset"].at[0, 2 * tile].set(True).at[1, 2 * tile + 3].set(True)
+  o_r, s_r, g_r = _call(_value_and_grad("reference"), x)
+  wo, ws = _weights()
+
+  def loss(q, k, v, g, s0, reset):
+    o, sf = linear_recurrence(q, k, v, g, initial_state=s0, reset=reset,
+                              chunk_size=chunk_size, impl="xla")
+    return jnp.sum(o * wo) + jnp.sum(sf * ws), (o, sf)
+
+  (_, (o, s)), grads = jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True)(
+      x["q"], x["k"], x["v"], x["log_decay"], x["initial_state"], x["reset"])
+  assert calls == [tile]  # traced once (the scan step), with the patched tile
+  assert _per_head_rel_err(o_r, o) < 1e-5 and _per_head_rel_err(s_r, s) < 1e-5
+  for name, gr, gg in zip(ARGS, g_r, grads):
+    assert _per_head_rel_err(gr, gg) < 1e-4, name
+  # grouped q/k (one group, two heads) through the tiled path == repeated q/k
+  q1, k1 = x["q"][:, :, :1], x["k"][:, :, :1]
+  grouped = linear_recurrence(q1, k1, x["v"], x["log_decay"], reset=x["reset"],
+                              chunk_size=chunk_size, impl="xla")[0]
+  repeated = linear_recurrence(jnp.repeat(q1, H, 2), jnp.repeat(k1, H, 2), x["v"],
+                               x["log_decay"], reset=x["reset"], chunk_size=chunk_size,
+                               impl="reference")[0]
+  assert _per_head_rel_err(repeated, grouped) < 1e-5
+
+
+def test_causal_tiles_at_the_production_tile():
+  """chunk 128 = two CAUSAL_TILE tiles: the tiled xla form == the reference (T = 300 is
+  not a multiple of the chunk; resets; per-head decays)."""
+  from kernels.chunked_scan.reference import CAUSAL_TILE  # pylint: disable=import-outside-toplevel
+  ks = jax.random.split(jax.random.PRNGKey(5), 5)
+  t, c = 300, 2 * CAUSAL_TILE
+  q = jax.random.normal(ks[0], (1, t, 1, 8))
+  k = jax.random.normal(ks[1], (1, t, 1, 8)) / np.sqrt(8)
+  v = jax.random.normal(ks[2], (1, t, 2, 8))
+  g = -jax.nn.softplus(jax.random.normal(ks[3], (1, t, 2)))
+  reset = (jax.random.uniform(ks[4], (1, t)) < 0.01).at[0, c + CAUSAL_TILE].set(True)
+  f = lambda impl: jax.jit(jax.value_and_grad(
+      lambda q, k, v, g: jnp.sum(jnp.sin(linear_recurrence(
+          q, k, v, g, reset=reset, chunk_size=c, impl=impl)[0])), argnums=(0, 1, 2, 3)))
+  (l_r, g_r), (l_x, g_x) = f("reference")(q, k, v, g), f("xla")(q, k, v, g)
+  np.testing.assert_allclose(l_x, l_r, rtol=1e-5)
+  for a, b in zip(g_x, g_r):
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * float(jnp.abs(b).max()))

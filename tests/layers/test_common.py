@@ -52,3 +52,31 @@ def test_gated_rmsnorm_orders():
 def test_segment_positions_restart():
   seg = jnp.array([[0, 0, 1, 1, 1, 2]])
   np.testing.assert_array_equal(segment_positions(seg, 1, 6), [[0, 1, 0, 1, 2, 0]])
+
+
+def test_dense_values_and_gradients_equal_autodiff_of_tensordot():
+  """layers.common.dense (hand-written backward: x^T dy, dy w^T) == jax.grad of the plain
+  tensordot, for a multi-axis input and a multi-axis output."""
+  from layers.common import dense  # pylint: disable=import-outside-toplevel
+  ks = jax.random.split(jax.random.PRNGKey(0), 3)
+  x = jax.random.normal(ks[0], (2, 5, 6))
+  w = jax.random.normal(ks[1], (6, 3, 4))
+  c = jax.random.normal(ks[2], (2, 5, 3, 4))
+  plain = lambda x, w: jnp.tensordot(x, w, axes=((2,), (0,)))
+  np.testing.assert_allclose(dense(x, w), plain(x, w), rtol=1e-6)
+  got = jax.grad(lambda x, w: jnp.sum(jnp.sin(dense(x, w)) * c), argnums=(0, 1))(x, w)
+  want = jax.grad(lambda x, w: jnp.sum(jnp.sin(plain(x, w)) * c), argnums=(0, 1))(x, w)
+  for a, b in zip(got, want):
+    assert a.shape == b.shape
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_linear_parts_equal_slices_of_the_full_output():
+  from layers.common import Linear  # pylint: disable=import-outside-toplevel
+  lin = Linear(6, (3, 4), ("embed", None, "mlp"), use_bias=True, rngs=nnx.Rngs(0))
+  lin.bias[...] = jax.random.normal(jax.random.PRNGKey(1), (3, 4))
+  x = jax.random.normal(jax.random.PRNGKey(2), (2, 5, 6))
+  full, parts = lin(x), lin.parts(x)
+  assert len(parts) == 3
+  for i, p in enumerate(parts):
+    np.testing.assert_allclose(p, full[:, :, i], rtol=1e-6)
