@@ -118,7 +118,9 @@ def dense(x: jax.Array, w: jax.Array) -> jax.Array:
   ``[tokens, out]`` cotangent transposed (a strided copy as large as an activation) before
   the dot. Written as ``x^T dy``, the dot reads both operands as they are. Measured in one
   process (session 11, fwd+bwd of ``silu(u W_z) * tanh(u W_x)``, u ``[1, 4096, 256]``,
-  W ``[256, 512]`` each): 62 -> 30 ms; the Mamba2 layer: 155 -> 136 ms. The forward is
+  W ``[256, 512]`` each): 62 -> 30 ms; the Mamba2 layer: 155 -> 136 ms. XLA:CPU copies
+  the token-axis-contracted operand of the weight-gradient dot transposed; the form is
+  chosen so that it is the narrower of ``x`` and ``dy``. The forward is
   the plain ``tensordot``, so forward-mode autodiff (``jax.jvp``) of a Linear is not
   available; nothing in lcm uses it.
   """
@@ -132,7 +134,11 @@ def _dense_fwd(x, w):
 def _dense_bwd(res, dy):
   x, w = res
   lead, out = x.ndim - 1, w.ndim - 1
-  dw = jnp.tensordot(x, dy, axes=(tuple(range(lead)), tuple(range(lead))))
+  tokens = tuple(range(lead))
+  if x.shape[-1] <= dy.size // max(1, x.size // x.shape[-1]):
+    dw = jnp.tensordot(x, dy, axes=(tokens, tokens))  # XLA:CPU transposes x
+  else:  # transpose the smaller operand, dy (the out projection of a wider layer)
+    dw = jnp.moveaxis(jnp.tensordot(dy, x, axes=(tokens, tokens)), -1, 0)
   dx = jnp.tensordot(dy, w, axes=(tuple(range(lead, lead + out)), tuple(range(1, 1 + out))))
   return dx.astype(x.dtype), dw.astype(w.dtype)
 

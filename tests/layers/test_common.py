@@ -60,15 +60,16 @@ def test_dense_values_and_gradients_equal_autodiff_of_tensordot():
   from layers.common import dense  # pylint: disable=import-outside-toplevel
   ks = jax.random.split(jax.random.PRNGKey(0), 3)
   x = jax.random.normal(ks[0], (2, 5, 6))
-  w = jax.random.normal(ks[1], (6, 3, 4))
-  c = jax.random.normal(ks[2], (2, 5, 3, 4))
   plain = lambda x, w: jnp.tensordot(x, w, axes=((2,), (0,)))
-  np.testing.assert_allclose(dense(x, w), plain(x, w), rtol=1e-6)
-  got = jax.grad(lambda x, w: jnp.sum(jnp.sin(dense(x, w)) * c), argnums=(0, 1))(x, w)
-  want = jax.grad(lambda x, w: jnp.sum(jnp.sin(plain(x, w)) * c), argnums=(0, 1))(x, w)
-  for a, b in zip(got, want):
-    assert a.shape == b.shape
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  # out wider than d_in (x^T dy) and narrower (dy^T x, transposed back)
+  for w in (jax.random.normal(ks[1], (6, 3, 4)), jax.random.normal(ks[1], (6, 2))):
+    c = jax.random.normal(ks[2], (2, 5) + w.shape[1:])
+    np.testing.assert_allclose(dense(x, w), plain(x, w), rtol=1e-6)
+    got = jax.grad(lambda x, w: jnp.sum(jnp.sin(dense(x, w)) * c), argnums=(0, 1))(x, w)
+    want = jax.grad(lambda x, w: jnp.sum(jnp.sin(plain(x, w)) * c), argnums=(0, 1))(x, w)
+    for a, b in zip(got, want):
+      assert a.shape == b.shape
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_linear_parts_equal_slices_of_the_full_output():
