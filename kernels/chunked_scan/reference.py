@@ -33,6 +33,8 @@ when ``seg_j == seg_last``.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -287,7 +289,9 @@ def _tiled_intra_chunk(q, k, v, g, seg, t):
   ``seg``: ``[B, 1, 1, C]`` within-chunk reset counts (inclusive cumsum) or ``None``.
   Returns ``[B, G, R, C, Dv]``.
 
-  Tiles on the diagonal are the masked form on ``t x t`` blocks (``pair_decays``). Row
+  Tiles on the diagonal are the masked form on ``t x t`` blocks (``pair_decays`` with
+  ``sub = t``, i.e. ``exp`` of the exact segment sums: on a 64-token tile that measured
+  10% faster over the whole op than sub-chunks of 16). Row
   tile ``I`` (tokens ``[L, L + t)``, ``L = I t``) sees every earlier token ``j < L``
   through the tile boundary: the decay factors exactly as ``exp(sum_{L <= m <= i} g_m)``
   (a cumsum inside tile ``I``) times ``exp(sum_{j < m < L} g_m)`` (a suffix sum over the
@@ -317,7 +321,7 @@ def _tiled_intra_chunk(q, k, v, g, seg, t):
   gt = g.reshape(B, G, R, T, t)
   scores = jnp.einsum("bgnid,bgnjd->bgnij", q.reshape(B, G, T, t, Dk),
                       k.reshape(B, G, T, t, Dk), precision=_HI)[:, :, None]
-  o = jnp.einsum("bgrnij,bgrnje->bgrnie", scores * pair_decays(gt, mask),
+  o = jnp.einsum("bgrnij,bgrnje->bgrnie", scores * pair_decays(gt, mask, t),
                  v.reshape(B, G, R, T, t, Dv), precision=_HI)  # diagonal tiles
   head = jnp.cumsum(gt, axis=-1)  # [B,G,R,T,t]: from the start of tile I to i, inclusive
   below = [jnp.zeros((B, G, R, t, Dv), o.dtype)]  # tile 0 has no earlier tokens
@@ -334,14 +338,14 @@ def _tiled_intra_chunk(q, k, v, g, seg, t):
   return o.reshape(B, G, R, C, Dv) + jnp.concatenate(below, axis=3)
 
 
-@jax.custom_vjp
-def pair_decays(g, mask):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def pair_decays(g, mask, sub=None):
   """``D[..., i, j] = exp(sum_{j < m <= i} g_m)`` where ``mask`` (which must lie in the lower
   triangle, diagonal included), else 0; ``g``: ``[..., C]``, ``mask`` broadcastable to
   ``g.shape + (C,)`` (and no larger: ``D`` has that shape).
 
-  Forward in O(C^2) with few ``exp``s: cut the chunk into sub-chunks of ``sub`` =
-  :data:`PAIR_SUB_CHUNK` tokens
+  Forward in O(C^2) with few ``exp``s: cut the chunk into sub-chunks of ``sub`` (default
+  :data:`PAIR_SUB_CHUNK`) tokens
   (chunks of at most ``2 * sub`` tokens, or not a multiple of it, use
   :func:`kernels._common.segment_sum` directly). A pair in sub-chunks ``J < I`` has the
   decay ``exp(head_i) * exp(mid_IJ) * exp(tail_j)``: from the start of ``I`` to ``i``
@@ -357,7 +361,7 @@ def pair_decays(g, mask):
   whose exponent is the constant 0), ``dL/dg_m = sum_{i >= m, j < m} dE_ij =
   sum_{i >= m} (rowsum_i - colsum_i)`` of the strictly lower triangle.
   """
-  C, sub = g.shape[-1], PAIR_SUB_CHUNK
+  C, sub = g.shape[-1], sub or PAIR_SUB_CHUNK
   if C <= 2 * sub or C % sub:
     return jnp.exp(jnp.where(mask, segment_sum(g), NEG_INF))
   S = C // sub
@@ -378,12 +382,13 @@ def pair_decays(g, mask):
   return jnp.where(mask, d, 0.0)
 
 
-def _pair_decays_fwd(g, mask):
-  d = pair_decays(g, mask)
+def _pair_decays_fwd(g, mask, sub):
+  d = pair_decays(g, mask, sub)
   return d, d
 
 
-def _pair_decays_bwd(d, dd):
+def _pair_decays_bwd(sub, d, dd):
+  del sub
   de = jnp.where(jnp.eye(d.shape[-1], dtype=bool), 0.0, dd * d)
   diff = jnp.sum(de, axis=-1) - jnp.sum(de, axis=-2)  # rowsum_i - colsum_i: g's shape
   return jnp.flip(jnp.cumsum(jnp.flip(diff, -1), axis=-1), -1), None
