@@ -173,3 +173,17 @@ def test_decode_benchmark_times_landmark_at_the_context_asked(level):
   st = bench._at_context({"layers": [[{"pos": jnp.zeros((), jnp.int32)}]],
                           "tokens": jnp.zeros((), jnp.int32)}, 300)
   assert int(st["layers"][0][0]["pos"]) == 300 and int(st["tokens"]) == 300
+
+
+def test_with_huge_pages_reexecs_once_with_the_tunable(monkeypatch):
+  calls = []
+  monkeypatch.setattr(bench.os, "execve", lambda *a: calls.append(a))
+  monkeypatch.setenv("GLIBC_TUNABLES", "glibc.foo=1")
+  bench._with_huge_pages()  # pylint: disable=protected-access
+  (exe, argv, env), = calls
+  assert exe == bench.sys.executable and argv[0] == exe
+  assert argv[1:] == bench.sys.orig_argv[1:]
+  assert env["GLIBC_TUNABLES"] == "glibc.foo=1:" + bench.HUGE_PAGES_TUNABLE
+  monkeypatch.setenv("GLIBC_TUNABLES", bench.HUGE_PAGES_TUNABLE)
+  bench._with_huge_pages()  # pylint: disable=protected-access
+  assert len(calls) == 1  # already set: no second exec
