@@ -116,13 +116,12 @@ def dense(x: jax.Array, w: jax.Array) -> jax.Array:
   XLA:CPU. Autodiff's weight gradient is ``dot(dy, x)`` over the token axes followed by a
   transpose; XLA:CPU folds that transpose into the operands and writes the whole
   ``[tokens, out]`` cotangent transposed (a strided copy as large as an activation) before
-  the dot. Written as ``x^T dy``, the dot reads both operands as they are. Measured in one
-  process (session 11, fwd+bwd of ``silu(u W_z) * tanh(u W_x)``, u ``[1, 4096, 256]``,
-  W ``[256, 512]`` each): 62 -> 30 ms; the Mamba2 layer: 155 -> 136 ms. XLA:CPU copies
-  the token-axis-contracted operand of the weight-gradient dot transposed; the form is
-  chosen so that it is the narrower of ``x`` and ``dy``. The forward is
-  the plain ``tensordot``, so forward-mode autodiff (``jax.jvp``) of a Linear is not
-  available; nothing in lcm uses it.
+  the dot. Written as ``x^T dy`` (or ``(dy^T x)^T``), XLA:CPU copies only one operand
+  transposed, and the form is chosen so that it is the narrower of ``x`` and ``dy``.
+  Measured in one process (session 11, fwd+bwd of ``silu(u W_z) * tanh(u W_x)``, u
+  ``[1, 4096, 256]``, W ``[256, 512]`` each): 62 -> 30 ms; the Mamba2 layer: 155 -> 136 ms.
+  The forward is the plain ``tensordot``; forward-mode autodiff (``jax.jvp``) of a Linear
+  is not available (nothing in lcm uses it).
   """
   return jnp.tensordot(x, w, axes=((x.ndim - 1,), (0,)))
 
@@ -135,9 +134,9 @@ def _dense_bwd(res, dy):
   x, w = res
   lead, out = x.ndim - 1, w.ndim - 1
   tokens = tuple(range(lead))
-  if x.shape[-1] <= dy.size // max(1, x.size // x.shape[-1]):
-    dw = jnp.tensordot(x, dy, axes=(tokens, tokens))  # XLA:CPU transposes x
-  else:  # transpose the smaller operand, dy (the out projection of a wider layer)
+  if x.shape[-1] <= math.prod(w.shape[1:]):  # d_in <= d_out: XLA:CPU transposes x
+    dw = jnp.tensordot(x, dy, axes=(tokens, tokens))
+  else:  # the narrower dy is transposed (e.g. the out projection of a wider layer)
     dw = jnp.moveaxis(jnp.tensordot(dy, x, axes=(tokens, tokens)), -1, 0)
   dx = jnp.tensordot(dy, w, axes=(tuple(range(lead, lead + out)), tuple(range(1, 1 + out))))
   return dx.astype(x.dtype), dw.astype(w.dtype)

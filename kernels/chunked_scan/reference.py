@@ -209,7 +209,9 @@ def _chunk_scan(q, k, v, log_decay, s0, reset, C, kind):
   (scores, decays, their cotangents) is built and consumed while it is small enough to
   stay in cache. The chunks are laid out head-major (``[N, B, G, (R,) C, D]``, one
   transpose of each input and of the output) so that every matmul in the step has its
-  batch axes leading and every per-step slice and cotangent write is contiguous.
+  batch axes leading and every per-step slice and cotangent write is contiguous. Per-head
+  decays in chunks of at least two ``CAUSAL_TILE``s build the intra-chunk output from the
+  lower causal tiles only (:func:`_tiled_intra_chunk`).
 
   Measured on the 2-core CPU (fwd+bwd, both forms in one process, session 10): B=1,
   T=16384, H=4, D=64, chunk 64, per-head decays 201 -> 96 ms; Mamba2's SSD shape (T=4096,
