@@ -31,7 +31,7 @@ Earlier settings (results/joint_recall.md has their numbers): 2 contexts x 4 key
 and 4 contexts x 6 keys x 8 queries at d_model 64 (nothing learned in 1000 steps).
 """
 
-from configs._recall import recall_config
+from configs.common import recall_config
 
 
 def get_config(arg: str = "mamba2"):

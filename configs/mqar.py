@@ -9,7 +9,7 @@ seq 64 / 4 kv pairs / vocab 256; it reaches >= 0.99 held-out accuracy in a few m
 on a 2-core CPU.
 """
 
-from configs._recall import recall_config
+from configs.common import recall_config
 
 
 def get_config(arg: str = "attention"):

@@ -7,7 +7,7 @@
 depth; `experiments.needle` evaluates the trained models at longer lengths and fixed depths.
 """
 
-from configs._recall import recall_config
+from configs.common import recall_config
 
 
 def get_config(arg: str = "attention"):

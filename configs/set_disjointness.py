@@ -11,7 +11,7 @@ names it after the QUERY token; `data.order` puts the short or the long set firs
 prompt is everything before the answer), as the paper's prefill of the prompt.
 """
 
-from configs._recall import recall_config
+from configs.common import recall_config
 
 
 def get_config(arg: str = "jrt"):

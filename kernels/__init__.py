@@ -14,7 +14,7 @@ implementations. See ``DESIGN.md`` ("The kernel contract").
     list builders ``causal_blocks``, ``sliding_window_blocks`` and ``topk_blocks``
     (sliding-window and landmark attention).
 
-:mod:`kernels._common` holds what the ops share: ``auto_impl``, the static
+:mod:`kernels.common` holds what the ops share: ``auto_impl``, the static
 ``KernelConfig`` of a Pallas call, front padding in time, power-of-two padding for Triton
 tiles, and exact in-chunk log-decay sums (``segment_sum`` / ``suffix_sum``).
 """

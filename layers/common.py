@@ -312,3 +312,52 @@ class GatedRMSNorm(nnx.Module):
     if self.norm_before_gate:
       y = y * g
     return (y * self.scale[...].astype(jnp.float32)).astype(self.dtype)
+
+
+# ----------------------------------------------------------------------------------
+# Helpers shared by the recurrent mixers (linear attention, delta rule, memory mixtures)
+# ----------------------------------------------------------------------------------
+
+
+def doc_starts(segment_ids: jax.Array | None) -> jax.Array | None:
+  """[B, T] bool, True at the first token of every document (and at t = 0)."""
+  if segment_ids is None:
+    return None
+  b = segment_ids.shape[0]
+  return jnp.concatenate(
+      [jnp.ones((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+
+def l2norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+  """x / sqrt(sum x^2 + eps) over the last axis, in fp32 (fla's l2norm)."""
+  x32 = x.astype(jnp.float32)
+  return (x32 * jax.lax.rsqrt(jnp.sum(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+
+def append_ones(v: jax.Array) -> jax.Array:
+  """[..., Dv] -> [..., Dv + 1]: the extra column accumulates the normaliser sum phi(k)."""
+  return jnp.concatenate([v, jnp.ones(v.shape[:-1] + (1,), v.dtype)], axis=-1)
+
+def normalise(o: jax.Array, eps: float) -> jax.Array:
+  """[..., Dv + 1] (numerator, denominator) -> numerator / (denominator + eps), fp32."""
+  o = o.astype(jnp.float32)
+  return o[..., :-1] / (o[..., -1:] + eps)
+
+def a_log_init(a_max: float):
+  """log A with A ~ U(0, a_max] (fla: ``A.uniform_(0, 16)``; 0 itself excluded so that
+  log A is finite)."""
+
+  def init(key, shape, dtype):
+    a = a_max * (1.0 - jax.random.uniform(key, shape, jnp.float32))  # (0, a_max]
+    return jnp.log(a).astype(dtype)
+
+  return init
+
+def dt_bias_init(dt_min: float, dt_max: float, floor: float):
+  """Inverse softplus of dt = exp(U[log dt_min, log dt_max]) floored at ``floor`` (Mamba)."""
+
+  def init(key, shape, dtype):
+    u = jax.random.uniform(key, shape, jnp.float32)
+    dt = jnp.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+    dt = jnp.maximum(dt, floor)
+    return (dt + jnp.log(-jnp.expm1(-dt))).astype(dtype)
+
+  return init

@@ -49,6 +49,8 @@ from layers.attention import Attention, AttentionConfig, apply_rope
 from layers.common import (ConfigError, GatedRMSNorm, Linear, RMSNorm, ShortConv, check,
                            dense_init, param, segment_positions)
 from layers.common import check_bool, check_d_model, check_pos_int, check_positive, is_num
+from layers.common import (a_log_init, append_ones, doc_starts, dt_bias_init, l2norm,
+                           normalise)
 
 __all__ = [
     "LinearAttention", "LinearAttentionConfig", "RetNet", "RetNetConfig", "GLA", "GLAConfig",
@@ -105,30 +107,8 @@ def _check_feature_map(cfg) -> None:
 # ----------------------------------------------------------------------------------
 
 
-def _doc_starts(segment_ids: jax.Array | None) -> jax.Array | None:
-  """[B, T] bool, True at the first token of every document (and at t = 0)."""
-  if segment_ids is None:
-    return None
-  b = segment_ids.shape[0]
-  return jnp.concatenate(
-      [jnp.ones((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
 
 
-def _l2norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
-  """x / sqrt(sum x^2 + eps) over the last axis, in fp32 (fla's l2norm)."""
-  x32 = x.astype(jnp.float32)
-  return (x32 * jax.lax.rsqrt(jnp.sum(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
-
-
-def _append_ones(v: jax.Array) -> jax.Array:
-  """[..., Dv] -> [..., Dv + 1]: the extra column accumulates the normaliser sum phi(k)."""
-  return jnp.concatenate([v, jnp.ones(v.shape[:-1] + (1,), v.dtype)], axis=-1)
-
-
-def _normalise(o: jax.Array, eps: float) -> jax.Array:
-  """[..., Dv + 1] (numerator, denominator) -> numerator / (denominator + eps), fp32."""
-  o = o.astype(jnp.float32)
-  return o[..., :-1] / (o[..., -1:] + eps)
 
 
 class _Mixer(nnx.Module):
@@ -234,17 +214,17 @@ class LinearAttention(_Mixer):
   def _core(self, x, reset, s0):
     q, k, v = self._phi(self.q(x)), self._phi(self.k(x)), self.v(x)
     if self.cfg.normalize:
-      v = _append_ones(v)
+      v = append_ones(v)
     o, sf = self._scan(q, k, v, None, s0, reset)
     if self.cfg.normalize:
-      o = _normalise(o, self.cfg.eps)
+      o = normalise(o, self.cfg.eps)
     if self.norm is not None:
       o = self.norm(o)
     return self._project_out(o), sf
 
   def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
     self._check_x(x)
-    return self._core(x, _doc_starts(segment_ids), None)[0]
+    return self._core(x, doc_starts(segment_ids), None)[0]
 
   def _state_shape(self, batch: int):
     return (batch, self.num_heads, self.feature_width, self.head_dim + int(self.cfg.normalize))
@@ -366,7 +346,7 @@ class RetNet(_Mixer):
     self._check_x(x)
     b, t, _ = x.shape
     pos = segment_positions(segment_ids, b, t)
-    return self._core(x, pos, _doc_starts(segment_ids), None)[0]
+    return self._core(x, pos, doc_starts(segment_ids), None)[0]
 
   def init_state(self, batch: int, dtype=jnp.float32, *, max_len: int | None = None):
     del max_len
@@ -485,7 +465,7 @@ class _MatrixStateMixer(_Mixer):
 
   def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
     self._check_x(x)
-    return self._core(x, segment_ids, _doc_starts(segment_ids), None)[0]
+    return self._core(x, segment_ids, doc_starts(segment_ids), None)[0]
 
   def init_state(self, batch: int, dtype=jnp.float32, *, max_len: int | None = None):
     del max_len
@@ -637,27 +617,6 @@ class GatedDeltaNetConfig(DeltaNetConfig):
           f"must be a finite number >= 0 (got {self.dt_init_floor!r})")
 
 
-def _a_log_init(a_max: float):
-  """log A with A ~ U(0, a_max] (fla: ``A.uniform_(0, 16)``; 0 itself excluded so that
-  log A is finite)."""
-
-  def init(key, shape, dtype):
-    a = a_max * (1.0 - jax.random.uniform(key, shape, jnp.float32))  # (0, a_max]
-    return jnp.log(a).astype(dtype)
-
-  return init
-
-
-def _dt_bias_init(dt_min: float, dt_max: float, floor: float):
-  """Inverse softplus of dt = exp(U[log dt_min, log dt_max]) floored at ``floor`` (Mamba)."""
-
-  def init(key, shape, dtype):
-    u = jax.random.uniform(key, shape, jnp.float32)
-    dt = jnp.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
-    dt = jnp.maximum(dt, floor)
-    return (dt + jnp.log(-jnp.expm1(-dt))).astype(dtype)
-
-  return init
 
 
 class DeltaNet(_MatrixStateMixer):
@@ -688,9 +647,9 @@ class DeltaNet(_MatrixStateMixer):
     self.b = Linear(d_model, h, ("embed", "heads"), **kw)
     if self._gated:
       self.a = Linear(d_model, h, ("embed", "heads"), **kw)
-      self.A_log = param(rngs, _a_log_init(cfg.A_init_max), (h,), ("heads",), param_dtype,
+      self.A_log = param(rngs, a_log_init(cfg.A_init_max), (h,), ("heads",), param_dtype,
                          tag="ssm")
-      self.dt_bias = param(rngs, _dt_bias_init(cfg.dt_min, cfg.dt_max, cfg.dt_init_floor),
+      self.dt_bias = param(rngs, dt_bias_init(cfg.dt_min, cfg.dt_max, cfg.dt_init_floor),
                            (h,), ("heads",), param_dtype, tag="ssm")
     self.conv = (_QKVConv((h * dk, h * dk, h * dv), cfg.conv_size, use_bias=cfg.conv_bias,
                           **kw) if cfg.use_short_conv else None)
@@ -719,8 +678,8 @@ class DeltaNet(_MatrixStateMixer):
       q, k, v, conv_state = self.conv(q, k, v, segment_ids, state)
     else:
       q, k, v = jax.nn.silu(q), jax.nn.silu(k), jax.nn.silu(v)
-    q = _l2norm(q) * jnp.asarray(self.head_dim ** -0.5, q.dtype)
-    k = _l2norm(k)
+    q = l2norm(q) * jnp.asarray(self.head_dim ** -0.5, q.dtype)
+    k = l2norm(k)
     s0 = None if state is None else state["S"].astype(jnp.float32)
     o, sf = delta_rule(q, k, v, self.beta(x).astype(q.dtype), self.log_decay(x),
                        initial_state=s0, reset=reset, chunk_size=self.cfg.chunk_size,
@@ -851,9 +810,9 @@ class Based(_Mixer):
 
   def _linear(self, x, reset, s0):
     q, k = self._phi(self.q(x)), self._phi(self.k(x))
-    v = _append_ones(self.v(x))
+    v = append_ones(self.v(x))
     o, sf = self._scan(q, k, v, None, s0, reset)
-    return self._project_out(_normalise(o, self.cfg.eps)), sf
+    return self._project_out(normalise(o, self.cfg.eps)), sf
 
   def _conv_branch(self, x, segment_ids=None, state=None):
     u = self.conv_in(x)
@@ -866,7 +825,7 @@ class Based(_Mixer):
 
   def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
     self._check_x(x)
-    y, _ = self._linear(x, _doc_starts(segment_ids), None)
+    y, _ = self._linear(x, doc_starts(segment_ids), None)
     y = y + self.swa(x, segment_ids=segment_ids)
     if self.conv is not None:
       y = y + self._conv_branch(x, segment_ids)[0]
@@ -998,7 +957,7 @@ class JRT(_Mixer):
     ke = jnp.where(in_prefix, self._phi(self.k_enc(x)), 0).astype(k.dtype)
     ve = self.v_enc(x)
     if self.cfg.normalize:
-      v, ve = _append_ones(v), _append_ones(ve)
+      v, ve = append_ones(v), append_ones(ve)
     # Causal: decoder keys over all tokens (from s0), encoder keys of prefix tokens j <= t.
     o_dec, s_dec = self._scan(q, k, v, None, s0, reset)
     o_enc, s_enc = self._scan(q, ke, ve, None, None, reset)
@@ -1018,14 +977,14 @@ class JRT(_Mixer):
     o = (o_dec.astype(jnp.float32) + o_enc.astype(jnp.float32)
          + flip(o_later).astype(jnp.float32))
     if self.cfg.normalize:
-      o = _normalise(o, self.cfg.eps)
+      o = normalise(o, self.cfg.eps)
     return self._project_out(o), s_dec + s_enc
 
   def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
     self._check_x(x)
     b, t, _ = x.shape
     pos = segment_positions(segment_ids, b, t)
-    return self._core(x, pos, _doc_starts(segment_ids), None)[0]
+    return self._core(x, pos, doc_starts(segment_ids), None)[0]
 
   def _state_shape(self, batch: int):
     return (batch, self.num_heads, self.feature_width, self.head_dim + int(self.cfg.normalize))

@@ -156,12 +156,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kernels._common import suffix_sum
+from kernels.common import suffix_sum
 from kernels.chunked_scan import IMPLS, linear_recurrence
 from kernels.delta_rule import delta_rule
 from layers.common import (ConfigError, GatedRMSNorm, Linear, RMSNorm, ShortConv, check,
                            dense_init, param, segment_positions)
 from layers.common import check_bool, check_d_model, check_pos_int, check_positive, is_num
+from layers.common import (a_log_init, append_ones, doc_starts, dt_bias_init, l2norm,
+                           normalise)
 from layers import linear_attention as la
 from layers import neural_memory as nm
 
@@ -315,7 +317,7 @@ class _LinearAttentionMemory(_MatrixMemory):
     ks = m.k(x)
     v = m.v(x)
     if m.cfg.normalize:
-      v = la._append_ones(v)
+      v = append_ones(v)
     return {"q": m._phi(m.q(x)), "k": m._phi(ks), "v": v, "beta": None, "ld": None,
             "ks": ks}, None
 
@@ -323,7 +325,7 @@ class _LinearAttentionMemory(_MatrixMemory):
   def finish(m, o, x):
     del x
     if m.cfg.normalize:
-      o = la._normalise(o, m.cfg.eps)
+      o = normalise(o, m.cfg.eps)
     if m.norm is not None:
       o = m.norm(o)
     return m._project_out(o)
@@ -369,8 +371,8 @@ class _DeltaMemory(_GatedOutputMemory):
       q, k, v, conv_state = m.conv(q, k, v, segment_ids, state)
     else:
       q, k, v = jax.nn.silu(q), jax.nn.silu(k), jax.nn.silu(v)
-    q = la._l2norm(q) * jnp.asarray(m.head_dim ** -0.5, q.dtype)
-    k = la._l2norm(k)
+    q = l2norm(q) * jnp.asarray(m.head_dim ** -0.5, q.dtype)
+    k = l2norm(k)
     return {"q": q, "k": k, "v": v, "beta": m.beta(x), "ld": m.log_decay(x), "ks": k}, conv_state
 
 
@@ -729,7 +731,7 @@ class MemoryCaching(nnx.Module):
     seg_len, max_seg = self.cfg.segment_len, self.cfg.max_segments
     proj, _ = self.adapter.project(self.inner, x, segment_ids, None)
     pos = segment_positions(segment_ids, b, t)
-    starts = la._doc_starts(segment_ids)
+    starts = doc_starts(segment_ids)
     n = t // seg_len  # at most n segments complete inside this sequence
     is_end = pos % seg_len == seg_len - 1
     ends = jnp.argsort(~is_end, axis=1, stable=True)[:, :n].astype(jnp.int32)
@@ -965,9 +967,9 @@ class MoM(nnx.Module):
     self.v = Linear(d_model, (m, h, dv), ("embed", None, "heads", "head_dim"), **kw)
     self.b = Linear(d_model, (m, h), ("embed", None, "heads"), **kw)
     self.a = Linear(d_model, (m, h), ("embed", None, "heads"), **kw)
-    self.A_log = param(rngs, la._a_log_init(cfg.A_init_max), (h,), ("heads",), param_dtype,
+    self.A_log = param(rngs, a_log_init(cfg.A_init_max), (h,), ("heads",), param_dtype,
                        tag="ssm")
-    self.dt_bias = param(rngs, la._dt_bias_init(cfg.dt_min, cfg.dt_max, cfg.dt_init_floor),
+    self.dt_bias = param(rngs, dt_bias_init(cfg.dt_min, cfg.dt_max, cfg.dt_init_floor),
                          (h,), ("heads",), param_dtype, tag="ssm")
     if cfg.use_short_conv:
       ckw = dict(use_bias=cfg.conv_bias, axis_name="heads", **kw)
@@ -1022,8 +1024,8 @@ class MoM(nnx.Module):
     q = self._conv("q", self.q(x), segment_ids, state, new)  # [B, T, H, Dk]
     k = self._conv("k", self.k(x), segment_ids, state, new)  # [B, T, M, H, Dk]
     v = self._conv("v", self.v(x), segment_ids, state, new)  # [B, T, M, H, Dv]
-    q = la._l2norm(q) * jnp.asarray(dk ** -0.5, q.dtype)
-    k = la._l2norm(k)
+    q = l2norm(q) * jnp.asarray(dk ** -0.5, q.dtype)
+    k = l2norm(k)
     beta = jax.nn.sigmoid(self.b(x).astype(jnp.float32))  # [B, T, M, H]
     a = self.a(x).astype(jnp.float32) + self.dt_bias[...].astype(jnp.float32)
     log_decay = -jnp.exp(self.A_log[...].astype(jnp.float32)) * jax.nn.softplus(a)
@@ -1038,7 +1040,7 @@ class MoM(nnx.Module):
     flat = lambda u: u.reshape((b, t, m * h) + u.shape[4:])
     q_all = jnp.broadcast_to(q[:, :, None], (b, t, m, h, dk))
     s0 = None if state is None else state["S"].reshape(b, m * h, dk, dv).astype(jnp.float32)
-    reset = la._doc_starts(segment_ids)
+    reset = doc_starts(segment_ids)
     o, sf = delta_rule(flat(q_all), flat(k), flat(v), flat(beta).astype(q.dtype),
                        flat(log_decay), initial_state=s0, reset=reset,
                        chunk_size=self.cfg.chunk_size, impl=self.cfg.impl)

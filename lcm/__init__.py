@@ -1,3 +1,3 @@
 """lcm: the model, trainer, data and evals around the mixers in ``layers``."""
 
-import layers  # noqa: F401  (applies layers/_xla_cpu.py before any JAX computation)
+import layers  # noqa: F401  (applies layers/xla_cpu.py before any JAX computation)

@@ -49,6 +49,27 @@ _TABLE: dict[str, tuple[str, str, dict[str, Any]]] = {
     "memory_caching": ("layers.memory_mixtures", "MemoryCaching", {}),
     "mom": ("layers.memory_mixtures", "MoM", {}),
 }
+_BUILTIN = frozenset(_TABLE)
+
+
+def register(name: str, module: str, class_name: str,
+             defaults: Mapping[str, Any] | None = None) -> None:
+  """Adds a mixer under ``name`` (e.g. one defined outside lcm, or a test's stand-in).
+
+  ``module`` is imported lazily like the built-in entries; an existing name is an error.
+  """
+  if not isinstance(name, str) or not name:
+    raise ConfigError("mixer", f"must be a non-empty string (got {name!r})")
+  if name in _TABLE:
+    raise ConfigError("mixer", f"{name!r} is already registered")
+  _TABLE[name] = (module, class_name, dict(defaults or {}))
+
+
+def unregister(name: str) -> None:
+  """Removes a name added with ``register`` (built-in names may not be removed)."""
+  if name in _BUILTIN:
+    raise ConfigError("mixer", f"{name!r} is built in and cannot be unregistered")
+  _TABLE.pop(name, None)
 
 
 def names() -> list[str]:

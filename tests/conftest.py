@@ -13,7 +13,7 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
                              + " --xla_backend_optimization_level=1").strip()
 import jax  # noqa: E402
 
-import layers  # noqa: E402,F401  (applies layers/_xla_cpu.py before anything runs)
+import layers  # noqa: E402,F401  (applies layers/xla_cpu.py before anything runs)
 
 jax.config.update("jax_num_cpu_devices", 8)
 

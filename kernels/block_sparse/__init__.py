@@ -60,7 +60,7 @@ import math
 
 import jax
 
-from kernels._common import KernelConfig, auto_impl, interpret_key
+from kernels.common import KernelConfig, auto_impl, interpret_key
 from kernels.block_sparse.reference import (block_sparse_reference, causal_blocks,
                                             check_inputs, concrete_bounds,
                                             gathered_backward, gathered_forward,

@@ -57,7 +57,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from kernels._common import KernelConfig, auto_impl, interpret_key, pad_time, suffix_sum
+from kernels.common import KernelConfig, auto_impl, interpret_key, pad_time, suffix_sum
 from kernels.chunked_scan.reference import (check_inputs, expand_groups,
                                             linear_recurrence_chunked,
                                             linear_recurrence_reference)
@@ -136,7 +136,7 @@ def _run_kernel(cfg, q, k, v, g, s0, reset, *, decay_on="key", strict=False,
   The kernel gets the per-token log decays ``g``, their within-chunk inclusive prefix sums
   ``b`` (decay from the chunk start) and exclusive suffix sums ``r`` (decay to the chunk
   end), each a sum of exactly the gates in between; pair decays inside a chunk are
-  segment sums of ``g`` built in the kernel (see ``kernels._common``)."""
+  segment sums of ``g`` built in the kernel (see ``kernels.common``)."""
   B, T = q.shape[:2]
   C = cfg.chunk
   N = -(-T // C)

@@ -17,7 +17,7 @@ Per chunk of C tokens:
 Every decay exponent between two tokens of a chunk is a sum of exactly the log decays in
 between (an fp32 matmul of a triangular ones mask with the masked decays, or the suffix
 sums ``r`` prepared outside), never a difference of cumulative sums, which loses
-``eps * |b|`` after a saturated gate (see ``kernels._common``).
+``eps * |b|`` after a saturated gate (see ``kernels.common``).
 
 ``decay_on="value"`` is the same recurrence with the per-channel decay on the value side
 (``S_t = S_{t-1} diag(exp(g_t)) + k_t v_t^T``); the backward pass (``__init__.py``) needs it.
@@ -41,7 +41,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels._common import group_heads
+from kernels.common import group_heads
 
 F32 = jnp.float32
 NEG_INF = float("-inf")

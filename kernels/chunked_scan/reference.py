@@ -16,7 +16,7 @@ The chunked form follows the chunkwise-parallel algorithm of Yang et al. 2023 (G
 Sec. 3) / Dao & Gu 2024 (SSD, "state passing"): inside a chunk of C tokens the output is
 an attention-like masked matmul; across chunks a [Dk, Dv] state is carried by a scan.
 Decays stay in log space: the exponent of a decay between two tokens of a chunk is a sum of
-exactly the log decays in between (``kernels._common.segment_sum`` / ``suffix_sum``), not
+exactly the log decays in between (``kernels.common.segment_sum`` / ``suffix_sum``), not
 a difference ``b_i - b_j`` of cumulative sums, which loses ``eps * |b|`` after a saturated
 gate; every exponent is masked to ``-inf`` *before* ``exp`` wherever the pair is not causal
 or crosses a reset, so no ``inf * 0`` appears in the forward or backward pass. For
@@ -39,13 +39,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from kernels._common import (pad_time, scan_chunks, scan_resets, segment_sum, suffix_sum,
+from kernels.common import (pad_time, scan_chunks, scan_resets, segment_sum, suffix_sum,
                              unscan_chunks)
 
 _HI = lax.Precision.HIGHEST
 NEG_INF = -jnp.inf
 PAIR_SUB_CHUNK = 16  # sub-chunk of pair_decays (per-head decays)
-CAUSAL_TILE = 64  # per-head decays, chunks of >= 2 such tiles: see _tiled_intra_chunk
+CAUSAL_TILE = 64  # per-head decays, chunks of >= 2 such tiles: see tiled_intra_chunk
 
 
 def decay_kind(v, log_decay, dk) -> str:
@@ -211,7 +211,7 @@ def _chunk_scan(q, k, v, log_decay, s0, reset, C, kind):
   transpose of each input and of the output) so that every matmul in the step has its
   batch axes leading and every per-step slice and cotangent write is contiguous. Per-head
   decays in chunks of at least two ``CAUSAL_TILE``s build the intra-chunk output from the
-  lower causal tiles only (:func:`_tiled_intra_chunk`).
+  lower causal tiles only (:func:`tiled_intra_chunk`).
 
   Measured on the 2-core CPU (fwd+bwd, both forms in one process, session 10): B=1,
   T=16384, H=4, D=64, chunk 64, per-head decays 201 -> 96 ms; Mamba2's SSD shape (T=4096,
@@ -270,7 +270,7 @@ def _chunk_scan(q, k, v, log_decay, s0, reset, C, kind):
       out_scale = jnp.exp(jnp.where(first, b, NEG_INF))  # [B,G,R,C]
       chunk_decay = jnp.where(keeps, jnp.exp(b[..., -1]), 0.0)  # [B,G,R]
     if tiled:
-      o = _tiled_intra_chunk(qn, kn, vn, gn, seg if "r" in x else None, CAUSAL_TILE)
+      o = tiled_intra_chunk(qn, kn, vn, gn, seg if "r" in x else None, CAUSAL_TILE)
     else:
       o = jnp.einsum("bgrcs,bgrse->bgrce", jnp.broadcast_to(a, (B, G, R, C, C)), vn,
                      precision=_HI)
@@ -283,7 +283,7 @@ def _chunk_scan(q, k, v, log_decay, s0, reset, C, kind):
   return o.astype(q.dtype), sf.reshape(B, H, Dk, Dv)
 
 
-def _tiled_intra_chunk(q, k, v, g, seg, t):
+def tiled_intra_chunk(q, k, v, g, seg, t):
   """The intra-chunk output ``o_i = sum_{j <= i} (q_i . k_j) exp(sum_{j < m <= i} g_m) v_j``
   of one chunk with per-head decays, from its lower-triangular tiles of ``t`` tokens only.
 
@@ -349,12 +349,12 @@ def pair_decays(g, mask, sub=None):
   Forward in O(C^2) with few ``exp``s: cut the chunk into sub-chunks of ``sub`` (default
   :data:`PAIR_SUB_CHUNK`) tokens
   (chunks of at most ``2 * sub`` tokens, or not a multiple of it, use
-  :func:`kernels._common.segment_sum` directly). A pair in sub-chunks ``J < I`` has the
+  :func:`kernels.common.segment_sum` directly). A pair in sub-chunks ``J < I`` has the
   decay ``exp(head_i) * exp(mid_IJ) * exp(tail_j)``: from the start of ``I`` to ``i``
   (``cumsum``), the whole sub-chunks strictly between (a segment sum over the sub-chunk
   totals), and from ``j`` (exclusive) to the end of ``J`` (``suffix_sum``). Each exponent
   is a sum of exactly the gates in between, never a difference of cumulative sums
-  (``kernels._common``), and for gates <= 0 each factor is <= 1, so a factor underflows
+  (``kernels.common``), and for gates <= 0 each factor is <= 1, so a factor underflows
   only where the product does. Pairs inside one sub-chunk use ``exp(segment_sum)``. So
   ``exp`` runs on O(C * sub) values instead of C^2 (on this CPU an exp costs ~15x a
   multiply).
@@ -407,7 +407,7 @@ def _channel_scores(qc, kc, g, seg, L):
   of sub-chunk I: ``exp(sum_{start_I <= m <= i} g_m) * exp(sum_{j < m < start_I} g_m)``,
   both exponents <= 0. Pairs inside one sub-chunk are computed element-wise on an
   [L, L, Dk] tensor. Every exponent is a sum of exactly the gates in between (see
-  ``kernels._common``), never a difference of cumulative sums.
+  ``kernels.common``), never a difference of cumulative sums.
   """
   B, H, N, C, Dk = qc.shape
   S = C // L

@@ -61,7 +61,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from kernels._common import KernelConfig, auto_impl, interpret_key
+from kernels.common import KernelConfig, auto_impl, interpret_key
 from kernels.delta_rule.reference import (check_inputs, chunk_outputs, delta_rule_chunked,
                                           delta_rule_reference, prepare_chunks, unchunk)
 

@@ -40,7 +40,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels._common import pad_last, pow2, suffix_sum
+from kernels.common import pad_last, pow2, suffix_sum
 
 F32 = jnp.float32
 NEG_INF = float("-inf")

@@ -49,7 +49,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels._common import suffix_sum
+from kernels.common import suffix_sum
 
 F32 = jnp.float32
 NEG_INF = float("-inf")

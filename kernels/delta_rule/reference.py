@@ -49,7 +49,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from kernels._common import (pad_time, scan_chunks, scan_resets, segment_sum, suffix_sum,
+from kernels.common import (pad_time, scan_chunks, scan_resets, segment_sum, suffix_sum,
                              unscan_chunks)
 
 _HI = lax.Precision.HIGHEST

@@ -62,7 +62,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from kernels._common import KernelConfig, auto_impl, interpret_key, pad_time
+from kernels.common import KernelConfig, auto_impl, interpret_key, pad_time
 from kernels.diag_scan.reference import (check_inputs, diagonal_recurrence_chunked,
                                          diagonal_recurrence_reference, state_dtype)
 

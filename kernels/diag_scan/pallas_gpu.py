@@ -30,7 +30,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels._common import pad_last, pow2
+from kernels.common import pad_last, pow2
 
 F32 = jnp.float32
 

@@ -30,7 +30,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels._common import pad_last
+from kernels.common import pad_last
 
 F32 = jnp.float32
 LANES = 128

@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from kernels._common import pad_time
+from kernels.common import pad_time
 
 NEG_INF = -jnp.inf
 

@@ -31,9 +31,9 @@ from jax.experimental.pallas import tpu as pltpu
 from kernels.block_sparse import (block_sparse_attention, causal_blocks,
                                   sliding_window_blocks, topk_blocks)
 from kernels.block_sparse.reference import normalize_lists
-from tests.kernels._helpers import export as _export
-from tests.kernels._helpers import jit_fast as _jit
-from tests.kernels._helpers import rel_rms
+from tests.kernels.helpers import export as _export
+from tests.kernels.helpers import jit_fast as _jit
+from tests.kernels.helpers import rel_rms
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:The Pallas Triton backend is deprecated:DeprecationWarning")

@@ -17,9 +17,9 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 
 from kernels.chunked_scan import linear_recurrence
-from tests.kernels._helpers import export as _export
-from tests.kernels._helpers import jit_fast as _jit
-from tests.kernels._helpers import per_head_rel_err, rel_rms
+from tests.kernels.helpers import export as _export
+from tests.kernels.helpers import jit_fast as _jit
+from tests.kernels.helpers import per_head_rel_err, rel_rms
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
@@ -483,7 +483,7 @@ def test_grouped_qk_needs_heads_to_divide():
 def test_pair_decays_equal_the_dense_exact_form_and_its_autodiff_gradient():
   """pair_decays (sub-chunked forward, row/column-sum backward) == exp of the exact segment
   sums, masked, and jax.grad of that -- with saturated gates, mild gates and a document mask."""
-  from kernels._common import segment_sum  # pylint: disable=import-outside-toplevel
+  from kernels.common import segment_sum  # pylint: disable=import-outside-toplevel
   from kernels.chunked_scan.reference import PAIR_SUB_CHUNK, pair_decays  # pylint: disable=import-outside-toplevel
   c = 8 * PAIR_SUB_CHUNK
   ks = jax.random.split(jax.random.PRNGKey(11), 3)
@@ -503,21 +503,21 @@ def test_pair_decays_equal_the_dense_exact_form_and_its_autodiff_gradient():
 
 @pytest.mark.parametrize("tile,chunk_size", [(8, 16), (8, 32), (16, 48)])
 def test_causal_tiles_match_reference(monkeypatch, tile, chunk_size):
-  """The per-head-decay xla form with causal tiles (``_tiled_intra_chunk``: lower tiles
+  """The per-head-decay xla form with causal tiles (``tiled_intra_chunk``: lower tiles
   only, decays factored at the tile boundary) == the per-token reference: outputs, final
   state and every gradient, with resets (incl. inside tiles and at tile starts), an initial
   state, near-1 and saturated gates, grouped q/k. The tile is made small here so that
   chunks of 2-4 tiles fit the test shape; production uses CAUSAL_TILE (64)."""
   from kernels.chunked_scan import reference  # pylint: disable=import-outside-toplevel
   calls = []
-  real = reference._tiled_intra_chunk  # pylint: disable=protected-access
+  real = reference.tiled_intra_chunk  # pylint: disable=protected-access
 
   def spy(*a):
     calls.append(a[-1])
     return real(*a)
 
   monkeypatch.setattr(reference, "CAUSAL_TILE", tile)
-  monkeypatch.setattr(reference, "_tiled_intra_chunk", spy)
+  monkeypatch.setattr(reference, "tiled_intra_chunk", spy)
   x = _inputs("scalar")
   x["reset"] = x["reset"].at[0, 2 * tile].set(True).at[1, 2 * tile + 3].set(True)
   o_r, s_r, g_r = _call(_value_and_grad("reference"), x)

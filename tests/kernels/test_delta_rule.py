@@ -19,9 +19,9 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 
 from kernels.delta_rule import delta_rule
-from tests.kernels._helpers import export as _export
-from tests.kernels._helpers import jit_fast as _jit
-from tests.kernels._helpers import per_head_rel_err, rel_rms
+from tests.kernels.helpers import export as _export
+from tests.kernels.helpers import jit_fast as _jit
+from tests.kernels.helpers import per_head_rel_err, rel_rms
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:The Pallas Triton backend is deprecated:DeprecationWarning")

@@ -17,9 +17,9 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 
 from kernels.diag_scan import diagonal_recurrence
-from tests.kernels._helpers import export as _export
-from tests.kernels._helpers import jit_fast as _jit
-from tests.kernels._helpers import rel_rms, worst_group_rel_err
+from tests.kernels.helpers import export as _export
+from tests.kernels.helpers import jit_fast as _jit
+from tests.kernels.helpers import rel_rms, worst_group_rel_err
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:The Pallas Triton backend is deprecated:DeprecationWarning")

@@ -24,7 +24,7 @@ from layers import neural_memory as nm
 from layers.attention import apply_rope
 from layers.common import ConfigError, segment_positions
 from lcm import registry
-from tests.kernels._helpers import jit_fast
+from tests.kernels.helpers import jit_fast
 
 B, H, DH = 2, 2, 4
 D = 16

@@ -386,7 +386,7 @@ def test_tiny_mamba_lm_trains():
 
 @pytest.mark.parametrize("name", ["mamba2", "mamba", "gated_deltanet"])
 def test_jit_equals_eager_at_batch_64(name):
-  """Regression for the XLA:CPU miscompile of layers/_xla_cpu.py: on jaxlib 0.12.0.1, with
+  """Regression for the XLA:CPU miscompile of layers/xla_cpu.py: on jaxlib 0.12.0.1, with
   YNNPACK fusions on, the jitted mamba2 layer below returned all zeros or NaN (its eager
   execution was right). The jitted layer must equal eager execution."""
   layer = registry.create(name, d_model=32, rngs=nnx.Rngs(0), chunk_size=64)

@@ -116,8 +116,15 @@ class Blocky:  # a stand-in mixer whose block size must divide the training leng
   Config = _BlockyConfig
 
 
-def test_seq_len_must_fit_a_mixers_block_size(monkeypatch):
-  monkeypatch.setitem(registry._TABLE, "blocky", (__name__, "Blocky", {}))
+@pytest.fixture
+def blocky():
+  registry.register("blocky", __name__, "Blocky")
+  yield
+  registry.unregister("blocky")
+
+
+def test_seq_len_must_fit_a_mixers_block_size(blocky):
+  del blocky
   c = mqar.get_config("blocky")
   c.data.seq_len = 64
   config_lib.validate(c, num_devices=1)
@@ -125,6 +132,13 @@ def test_seq_len_must_fit_a_mixers_block_size(monkeypatch):
   with pytest.raises(ConfigError) as e:
     config_lib.validate(c, num_devices=1)
   assert e.value.field == "data.seq_len" and "block_size=16" in str(e.value)
+
+
+def test_register_refuses_a_taken_name_and_builtin_removal():
+  with pytest.raises(ConfigError, match="already registered"):
+    registry.register("attention", __name__, "Blocky")
+  with pytest.raises(ConfigError, match="built in"):
+    registry.unregister("attention")
 
 
 @pytest.mark.parametrize("name", registry.names())

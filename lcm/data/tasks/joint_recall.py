@@ -36,7 +36,7 @@ import functools
 import numpy as np
 
 from layers.common import ConfigError
-from lcm.data.tasks.passkey import _is_int, check_seed_and_index
+from lcm.data.tasks.passkey import is_int, check_seed_and_index
 
 __all__ = ["JointRecallConfig", "joint_recall_example", "joint_recall_oracle",
            "joint_recall_table", "token_ranges", "PAD", "CONTEXT", "QUERY"]
@@ -79,13 +79,13 @@ def _validate(vocab_size, seq_len, num_contexts, num_keys, num_queries, prefix="
   f = (lambda name: f"{prefix}.{name}") if prefix else (lambda name: name)
   for name, x in (("num_contexts", num_contexts), ("num_keys", num_keys),
                   ("num_queries", num_queries)):
-    if not _is_int(x) or x < 1:
+    if not is_int(x) or x < 1:
       raise ConfigError(f(name), f"must be an integer >= 1, got {x!r}")
   c, k, q = int(num_contexts), int(num_keys), int(num_queries)
   if q > c * k:
     raise ConfigError(f("num_queries"), f"must be <= num_contexts * num_keys = {c * k} "
                       f"(the questions are distinct (context, key) pairs), got {q}")
-  if not _is_int(vocab_size) or vocab_size < _MIN_VOCAB:
+  if not is_int(vocab_size) or vocab_size < _MIN_VOCAB:
     raise ConfigError(f("vocab_size"), f"must be an integer >= {_MIN_VOCAB} (3 special "
                       f"tokens + ids, keys and values), got {vocab_size!r}")
   (i0, i1), (k0, k1), (v0, v1) = token_ranges(vocab_size)
@@ -95,7 +95,7 @@ def _validate(vocab_size, seq_len, num_contexts, num_keys, num_queries, prefix="
                       f"num_keys={k} keys and >= num_contexts={c} values (a key's values "
                       f"differ between contexts): use a larger vocabulary")
   min_len = c * (2 + 2 * k) + 3 * q
-  if not _is_int(seq_len) or seq_len < min_len:
+  if not is_int(seq_len) or seq_len < min_len:
     raise ConfigError(f("seq_len"), f"must be an integer >= num_contexts * (2 + 2*num_keys) "
                       f"+ 3*num_queries = {min_len}, got {seq_len!r}")
 

@@ -62,26 +62,26 @@ class MQARConfig:
     return mqar_example(index, seed=seed, **dataclasses.asdict(self))
 
 
-def _is_int(x) -> bool:
+def is_int(x) -> bool:
   return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
 
 
 def _validate(vocab_size, seq_len, num_kv_pairs, power_a, random_non_queries,
               prefix: str = "data") -> None:
   f = (lambda name: f"{prefix}.{name}") if prefix else (lambda name: name)
-  if not _is_int(num_kv_pairs) or num_kv_pairs < 1:
+  if not is_int(num_kv_pairs) or num_kv_pairs < 1:
     raise ConfigError(f("num_kv_pairs"),
                       f"must be an integer >= 1, got {num_kv_pairs!r}")
   n = int(num_kv_pairs)
   min_vocab = 2 * n + 2
-  if not _is_int(vocab_size) or vocab_size < min_vocab:
+  if not is_int(vocab_size) or vocab_size < min_vocab:
     raise ConfigError(
         f("vocab_size"),
         f"must be an integer >= 2*num_kv_pairs + 2 = {min_vocab} (keys are drawn from "
         f"[1, vocab_size//2) and values from [vocab_size//2, vocab_size), {n} distinct "
         f"of each), got {vocab_size!r}")
   min_len = 4 * n
-  if not _is_int(seq_len) or seq_len < min_len or seq_len % 2:
+  if not is_int(seq_len) or seq_len < min_len or seq_len % 2:
     raise ConfigError(
         f("seq_len"),
         f"must be an even integer >= 4*num_kv_pairs = {min_len} (2*num_kv_pairs "
@@ -142,9 +142,9 @@ def mqar_example(
   ``num_kv_pairs`` answer positions, 0 elsewhere). See the module docstring for the layout.
   """
   _checked(vocab_size, seq_len, num_kv_pairs, power_a, random_non_queries)
-  if not _is_int(seed) or not 0 <= seed < _MAX_SEED:
+  if not is_int(seed) or not 0 <= seed < _MAX_SEED:
     raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
-  if not _is_int(index) or index < 0:
+  if not is_int(index) or index < 0:
     raise ValueError(f"index must be a non-negative integer, got {index!r}")
 
   v, t, n = int(vocab_size), int(seq_len), int(num_kv_pairs)

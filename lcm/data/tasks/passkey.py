@@ -67,15 +67,15 @@ _MIN_VOCAB = {"number": HAYSTACK0 + 3, "word": HAYSTACK0 + 5, "uuid": _HEX_END +
 _MAX_SEED = 2**32
 
 
-def _is_int(x) -> bool:
+def is_int(x) -> bool:
   return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
 
 
 def check_seed_and_index(seed, index) -> None:
   """The common argument checks of every lcm task's ``<task>_example``."""
-  if not _is_int(seed) or not 0 <= seed < _MAX_SEED:
+  if not is_int(seed) or not 0 <= seed < _MAX_SEED:
     raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
-  if not _is_int(index) or index < 0:
+  if not is_int(index) or index < 0:
     raise ValueError(f"index must be a non-negative integer, got {index!r}")
 
 
@@ -118,16 +118,16 @@ class PasskeyConfig:
 def _validate(vocab_size, seq_len, passkey_len, needle_depth, prefix: str = "",
              num_needles=1, needle_kind="number", max_tail=0) -> None:
   f = (lambda name: f"{prefix}.{name}") if prefix else (lambda name: name)
-  if not _is_int(passkey_len) or passkey_len < 1:
+  if not is_int(passkey_len) or passkey_len < 1:
     raise ConfigError(f("passkey_len"), f"must be an integer >= 1, got {passkey_len!r}")
-  if not _is_int(num_needles) or num_needles < 1:
+  if not is_int(num_needles) or num_needles < 1:
     raise ConfigError(f("num_needles"), f"must be an integer >= 1 (1 = single needle, more "
                       f"= multi-key needles), got {num_needles!r}")
   if not isinstance(needle_kind, str) or needle_kind not in NEEDLE_KINDS:
     raise ConfigError(f("needle_kind"), f"must be one of {', '.join(NEEDLE_KINDS)}, got "
                       f"{needle_kind!r}")
   min_vocab = _MIN_VOCAB[needle_kind]
-  if not _is_int(vocab_size) or vocab_size < min_vocab:
+  if not is_int(vocab_size) or vocab_size < min_vocab:
     raise ConfigError(f("vocab_size"), f"must be an integer >= {min_vocab} for needle_kind="
                       f"{needle_kind!r} (2 markers, the value alphabet and >= 3 haystack "
                       f"tokens), got {vocab_size!r}")
@@ -143,10 +143,10 @@ def _validate(vocab_size, seq_len, passkey_len, needle_depth, prefix: str = "",
     min_len = (n + 1) * (k + 2)
     why = ("(num_needles + 1) * (passkey_len + 2) (the needles [NEEDLE, key, value], "
            "the question [QUERY, key, value] and one haystack token)")
-  if not _is_int(seq_len) or seq_len < min_len:
+  if not is_int(seq_len) or seq_len < min_len:
     raise ConfigError(f("seq_len"), f"must be an integer >= {why} = {min_len}, got "
                       f"{seq_len!r}")
-  if not _is_int(max_tail) or max_tail < 0:
+  if not is_int(max_tail) or max_tail < 0:
     raise ConfigError(f("max_tail"), f"must be an integer >= 0, got {max_tail!r}")
   if seq_len - max_tail < min_len:
     raise ConfigError(f("max_tail"), f"leaves seq_len - max_tail = {seq_len - max_tail} "

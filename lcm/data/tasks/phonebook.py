@@ -32,7 +32,7 @@ import functools
 import numpy as np
 
 from layers.common import ConfigError
-from lcm.data.tasks.passkey import _is_int, check_seed_and_index
+from lcm.data.tasks.passkey import is_int, check_seed_and_index
 
 __all__ = ["PhonebookConfig", "phonebook_example", "phonebook_oracle", "PAD", "ENTRY",
            "QUERY", "DIGIT0", "NAME0"]
@@ -66,10 +66,10 @@ def _validate(vocab_size, seq_len, num_entries, name_len, number_len, prefix="")
   f = (lambda name: f"{prefix}.{name}") if prefix else (lambda name: name)
   for name, x in (("num_entries", num_entries), ("name_len", name_len),
                   ("number_len", number_len)):
-    if not _is_int(x) or x < 1:
+    if not is_int(x) or x < 1:
       raise ConfigError(f(name), f"must be an integer >= 1, got {x!r}")
   e, n, d = int(num_entries), int(name_len), int(number_len)
-  if not _is_int(vocab_size) or vocab_size < _MIN_VOCAB:
+  if not is_int(vocab_size) or vocab_size < _MIN_VOCAB:
     raise ConfigError(f("vocab_size"), f"must be an integer >= {_MIN_VOCAB} (2 markers, 10 "
                       f"digits and >= 2 name tokens), got {vocab_size!r}")
   names = (int(vocab_size) - NAME0) ** min(n, 64)  # >= 2**64 names is plenty
@@ -78,7 +78,7 @@ def _validate(vocab_size, seq_len, num_entries, name_len, number_len, prefix="")
                       f"tokens, so only {names} distinct names of name_len={n}; need >= "
                       f"2*num_entries = {2 * e}: use a larger vocabulary or longer names")
   min_len = e * (1 + n + d) + n + d
-  if not _is_int(seq_len) or seq_len < min_len:
+  if not is_int(seq_len) or seq_len < min_len:
     raise ConfigError(f("seq_len"), f"must be an integer >= num_entries * (1 + name_len + "
                       f"number_len) + name_len + number_len = {min_len}, got {seq_len!r}")
 

@@ -30,7 +30,7 @@ import functools
 import numpy as np
 
 from layers.common import ConfigError
-from lcm.data.tasks.passkey import _is_int, check_seed_and_index
+from lcm.data.tasks.passkey import is_int, check_seed_and_index
 
 __all__ = ["SelectiveCopyConfig", "selective_copy_example", "selective_copy_oracle",
            "NOISE", "COPY", "DATA0"]
@@ -54,13 +54,13 @@ class SelectiveCopyConfig:
 
 def _validate(vocab_size, seq_len, num_tokens, prefix="") -> None:
   f = (lambda name: f"{prefix}.{name}") if prefix else (lambda name: name)
-  if not _is_int(num_tokens) or num_tokens < 1:
+  if not is_int(num_tokens) or num_tokens < 1:
     raise ConfigError(f("num_tokens"), f"must be an integer >= 1, got {num_tokens!r}")
-  if not _is_int(vocab_size) or vocab_size < _MIN_VOCAB:
+  if not is_int(vocab_size) or vocab_size < _MIN_VOCAB:
     raise ConfigError(f("vocab_size"), f"must be an integer >= {_MIN_VOCAB} (noise, copy "
                       f"marker and >= 2 data tokens), got {vocab_size!r}")
   min_len = 2 * int(num_tokens)
-  if not _is_int(seq_len) or seq_len < min_len:
+  if not is_int(seq_len) or seq_len < min_len:
     raise ConfigError(f("seq_len"), f"must be an integer >= 2*num_tokens = {min_len} (the "
                       f"data region, the copy marker and the answer), got {seq_len!r}")
 

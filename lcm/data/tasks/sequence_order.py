@@ -34,7 +34,7 @@ import math
 import numpy as np
 
 from layers.common import ConfigError
-from lcm.data.tasks.passkey import _is_int, check_seed_and_index
+from lcm.data.tasks.passkey import is_int, check_seed_and_index
 
 __all__ = ["SequenceOrderConfig", "sequence_order_example", "sequence_order_oracle",
            "SEG", "QUERY", "FIRST", "SECOND", "TEXT0"]
@@ -59,14 +59,14 @@ class SequenceOrderConfig:
 
 def _validate(vocab_size, seq_len, segment_len, prefix="") -> None:
   f = (lambda name: f"{prefix}.{name}") if prefix else (lambda name: name)
-  if not _is_int(segment_len) or segment_len < 1:
+  if not is_int(segment_len) or segment_len < 1:
     raise ConfigError(f("segment_len"), f"must be an integer >= 1, got {segment_len!r}")
-  if not _is_int(vocab_size) or vocab_size < _MIN_VOCAB:
+  if not is_int(vocab_size) or vocab_size < _MIN_VOCAB:
     raise ConfigError(f("vocab_size"), f"must be an integer >= {_MIN_VOCAB} (4 special "
                       f"tokens and >= 2 text tokens), got {vocab_size!r}")
   n = int(segment_len)
   min_len = 4 * n + 3
-  if not _is_int(seq_len) or seq_len < min_len:
+  if not is_int(seq_len) or seq_len < min_len:
     raise ConfigError(f("seq_len"), f"must be an integer >= 4*segment_len + 3 = {min_len} "
                       f"(a text holding both segments, then SEG a SEG b QUERY), got "
                       f"{seq_len!r}")

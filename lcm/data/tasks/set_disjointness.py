@@ -32,7 +32,7 @@ import functools
 import numpy as np
 
 from layers.common import ConfigError
-from lcm.data.tasks.passkey import _is_int, check_seed_and_index
+from lcm.data.tasks.passkey import is_int, check_seed_and_index
 
 __all__ = ["SetDisjointnessConfig", "set_disjointness_example", "set_disjointness_oracle",
            "ORDERS", "PAD", "SEP", "QUERY", "ELEMENT0"]
@@ -63,20 +63,20 @@ class SetDisjointnessConfig:
 
 def _validate(vocab_size, seq_len, short_size, long_size, order, prefix="") -> None:
   f = (lambda name: f"{prefix}.{name}") if prefix else (lambda name: name)
-  if not _is_int(short_size) or short_size < 1:
+  if not is_int(short_size) or short_size < 1:
     raise ConfigError(f("short_size"), f"must be an integer >= 1, got {short_size!r}")
-  if not _is_int(long_size) or long_size < short_size:
+  if not is_int(long_size) or long_size < short_size:
     raise ConfigError(f("long_size"), f"must be an integer >= short_size={short_size}, got "
                       f"{long_size!r}")
   if not isinstance(order, str) or order not in ORDERS:
     raise ConfigError(f("order"), f"must be one of {', '.join(ORDERS)}, got {order!r}")
   need = ELEMENT0 + int(short_size) + int(long_size) - 1
-  if not _is_int(vocab_size) or vocab_size < need:
+  if not is_int(vocab_size) or vocab_size < need:
     raise ConfigError(f("vocab_size"), f"must be an integer >= 3 + short_size + long_size - "
                       f"1 = {need} (the sets' elements are distinct apart from the shared "
                       f"one), got {vocab_size!r}")
   min_len = int(short_size) + int(long_size) + 2
-  if not _is_int(seq_len) or seq_len < min_len:
+  if not is_int(seq_len) or seq_len < min_len:
     raise ConfigError(f("seq_len"), f"must be an integer >= short_size + long_size + 2 = "
                       f"{min_len} (both sets, SEP and QUERY), got {seq_len!r}")
 

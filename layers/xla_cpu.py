@@ -42,7 +42,7 @@ def apply() -> bool:
   if xla_bridge.backends_are_initialized():
     warnings.warn("lcm was imported after JAX started its backends, so XLA_FLAGS "
                   f"{FLAG!r} (a work-around for an XLA:CPU miscompile in jaxlib 0.12, see "
-                  "layers/_xla_cpu.py) has no effect in this process: import lcm (or "
+                  "layers/xla_cpu.py) has no effect in this process: import lcm (or "
                   "layers) before running any JAX computation.", stacklevel=3)
   return True
 
