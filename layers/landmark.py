@@ -67,6 +67,7 @@ from flax import nnx
 
 from layers.attention import Attention, AttentionConfig, rope
 from layers.common import ConfigError, check, is_int, segment_positions
+from layers.landmark_tokens import LandmarkTokens
 
 _NEG = -1e30
 KV_MEMORY = ("device", "pinned_host")
@@ -198,7 +199,14 @@ class Landmark(Attention):
   """Landmark attention (Mohtashami & Jaggi 2023); see the module docstring."""
 
   Config = LandmarkConfig
-  needs_landmarks = True  # lcm/model.py inserts the landmark tokens
+
+  @staticmethod
+  def sequence_layout(configs, *, d_model: int, param_dtype=jnp.float32,
+                      rngs: nnx.Rngs) -> LandmarkTokens:
+    """The LM's sequence-layout hook: landmark tokens after every ``block_size - 1`` tokens
+    (``configs``: the field dicts of every landmark layer of the model)."""
+    return LandmarkTokens.from_configs(configs, d_model=d_model, param_dtype=param_dtype,
+                                       rngs=rngs)
 
   def __init__(self, d_model: int, cfg: LandmarkConfig = LandmarkConfig(), *,
                dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):

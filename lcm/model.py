@@ -11,13 +11,12 @@ The LM has the same three forms as its mixers:
   logits, state = lm.step(tokens, state)        # [B, t] -> [B, t, V]
   logits, aux = lm(tokens, segment_ids, return_aux=True)   # + summed auxiliary losses
 
-Landmark tokens. When the pattern holds a ``landmark`` mixer (``needs_landmarks``), the LM
-inserts a learned landmark embedding after every ``block_size - 1`` tokens of each document
-(the paper's data layout: each block of ``block_size`` ends with its landmark), runs every
-layer on the longer sequence, and returns logits only at the real tokens (the reference's
-``MemLMCache`` + ``get_final_logits``). ``step`` does the same token by token (it feeds the
-landmark after the token that completes a block); the state then also counts real tokens.
-Callers never see landmarks: tokens in, one logit row per token out.
+Sequence layout. A mixer class may change the row the layers run on by defining
+``sequence_layout(configs, *, d_model, param_dtype, rngs)``; it returns a module (``layout``)
+that wraps the layer stack in ``__call__`` and ``step`` and sizes the state (``cache_len``,
+``init_state``). Landmark attention uses it to insert its landmark tokens
+(``layers/landmark_tokens.py``); the LM itself has no mixer-specific code. Callers never see
+the layout: tokens in, one logit row per token out.
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from layers.common import Linear, RMSNorm, SwiGLU, param
+from layers.common import ConfigError, Linear, RMSNorm, SwiGLU, param
 from lcm import registry
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -105,19 +104,6 @@ class Group(nnx.Module):
     return sum(b.mixer.state_size(batch, max_len=max_len) for b in self.blocks)
 
 
-def landmark_layout(segment_ids, batch: int, length: int, every: int):
-  """Where tokens and landmarks go when a landmark follows every ``every`` tokens of each
-  document. Returns ``(tok_idx [B, T], lm_idx [B, T], has_lm [B, T], ext_len)``: token j
-  moves to ``tok_idx[j]`` of the extended row; when ``has_lm[j]`` a landmark follows it at
-  ``lm_idx[j]``. ``ext_len = T + T // every`` bounds every row (the tail is padding)."""
-  from layers.common import segment_positions  # pylint: disable=g-import-not-at-top
-  pos = segment_positions(segment_ids, batch, length)
-  has_lm = (pos + 1) % every == 0
-  before = jnp.cumsum(has_lm, axis=1) - has_lm
-  tok_idx = jnp.arange(length)[None] + before
-  return tok_idx, tok_idx + 1, has_lm, length + length // every
-
-
 class LM(nnx.Module):
   """Decoder-only language model built from a mixer pattern (a validated ``config.model``)."""
 
@@ -147,20 +133,24 @@ class LM(nnx.Module):
     else:
       self.groups = nnx.List([Group(cfg, names, rngs=rngs) for _ in range(self.num_groups)])
     self.norm = RMSNorm(d, eps=cfg.norm_eps, dtype=self.dtype, param_dtype=pdtype, rngs=rngs)
-    blocks = {int(dict(self.mixer_overrides[i][1]).get(
-        "block_size", registry.config_fields(n)["block_size"]))
-              for i, n in enumerate(names) if getattr(registry.get(n), "needs_landmarks", False)}
-    if len(blocks) > 1:
-      from layers.common import ConfigError  # pylint: disable=g-import-not-at-top
-      raise ConfigError("model.mixers", f"landmark layers must share one block_size "
-                        f"(got {sorted(blocks)})")
-    # A landmark token after every ``landmark_every`` real tokens (0: no landmarks).
-    self.landmark_every = blocks.pop() - 1 if blocks else 0
-    if self.landmark_every:
-      self.landmark = param(rngs, lambda k, s, dt: jax.random.normal(k, s, jnp.float32).astype(dt),
-                            (d,), ("embed",), pdtype)
+    self.layout = self._sequence_layout(pdtype, rngs)
     self.head = None if cfg.tie_embeddings else Linear(
         d, v, ("embed", "vocab"), dtype=self.dtype, param_dtype=pdtype, rngs=rngs)
+
+  def _sequence_layout(self, pdtype, rngs):
+    """The one sequence layout asked for by the pattern's mixer classes (or None)."""
+    hooks = {}
+    for n, overrides in self.mixer_overrides:
+      cls = registry.get(n)
+      if hasattr(cls, "sequence_layout"):
+        hooks.setdefault(cls, []).append({**registry.config_fields(n), **dict(overrides)})
+    if len(hooks) > 1:
+      raise ConfigError("model.pattern", "at most one mixer class may change the sequence "
+                        f"layout (got {', '.join(sorted(c.__name__ for c in hooks))})")
+    if not hooks:
+      return None
+    (cls, configs), = hooks.items()
+    return cls.sequence_layout(configs, d_model=self.d_model, param_dtype=pdtype, rngs=rngs)
 
   def _embed(self, tokens):
     return jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
@@ -178,18 +168,15 @@ class LM(nnx.Module):
     """Logits [B, T, V] (fp32); with ``return_aux`` also the sum over all layers of the
     mixers' auxiliary losses (``call_with_aux``; 0.0 when no mixer has one)."""
     x = self._embed(tokens)
-    if self.landmark_every:
-      b, t = tokens.shape
-      tok_idx, lm_idx, has_lm, ext = landmark_layout(segment_ids, b, t, self.landmark_every)
-      rows = jnp.arange(b)[:, None]
-      xe = jnp.zeros((b, ext, x.shape[-1]), x.dtype).at[rows, tok_idx].set(x)
-      lm = jnp.broadcast_to(self.landmark[...].astype(x.dtype), x.shape)
-      xe = xe.at[rows, jnp.where(has_lm, lm_idx, ext)].set(lm, mode="drop")
-      if segment_ids is not None:  # landmarks join their document; the tail gets its own id
-        se = jnp.full((b, ext), jnp.max(segment_ids) + 1, segment_ids.dtype)
-        se = se.at[rows, tok_idx].set(segment_ids)
-        segment_ids = se.at[rows, jnp.where(has_lm, lm_idx, ext)].set(segment_ids, mode="drop")
-      x = xe
+    if self.layout is None:
+      x, aux = self._run_layers(x, segment_ids)
+    else:
+      x, aux = self.layout(x, segment_ids, self._run_layers)
+    logits = self._logits(x)
+    return (logits, aux) if return_aux else logits
+
+  def _run_layers(self, x, segment_ids):
+    """Every group over x [B, T', D]: (hidden states, summed auxiliary losses)."""
     aux = jnp.zeros((), jnp.float32)
     if self.scan_layers:
       def body(group, carry):
@@ -198,24 +185,19 @@ class LM(nnx.Module):
         return h, a + ga
       if self.remat:
         body = nnx.remat(body)
-      x, aux = nnx.scan(body, in_axes=(0, nnx.Carry), out_axes=nnx.Carry,
-                        transform_metadata={nnx.PARTITION_NAME: "layers"})(self.groups, (x, aux))
-    else:
-      for g in self.groups:
-        fn = lambda gg, h: gg.call_with_aux(h, segment_ids)
-        x, ga = (nnx.remat(fn) if self.remat else fn)(g, x)
-        aux = aux + ga
-    if self.landmark_every:
-      x = jnp.take_along_axis(x, tok_idx[..., None], axis=1)  # drop the landmark outputs
-    logits = self._logits(x)
-    return (logits, aux) if return_aux else logits
+      return nnx.scan(body, in_axes=(0, nnx.Carry), out_axes=nnx.Carry,
+                      transform_metadata={nnx.PARTITION_NAME: "layers"})(self.groups, (x, aux))
+    for g in self.groups:
+      fn = lambda gg, h: gg.call_with_aux(h, segment_ids)
+      x, ga = (nnx.remat(fn) if self.remat else fn)(g, x)
+      aux = aux + ga
+    return x, aux
 
   def init_state(self, batch: int, dtype=jnp.float32, *, max_len: int | None = None):
-    if self.landmark_every:
-      ext = None if max_len is None else max_len + max_len // self.landmark_every + 1
-      return {"layers": self._init_layer_state(batch, dtype, ext),
-              "tokens": jnp.zeros((), jnp.int32)}
-    return self._init_layer_state(batch, dtype, max_len)
+    if self.layout is None:
+      return self._init_layer_state(batch, dtype, max_len)
+    return self.layout.init_state(
+        self._init_layer_state(batch, dtype, self.layout.cache_len(max_len)))
 
   def _init_layer_state(self, batch, dtype, max_len):
     if self.scan_layers:
@@ -224,36 +206,15 @@ class LM(nnx.Module):
     return [g.init_state(batch, dtype, max_len) for g in self.groups]
 
   def step(self, tokens, state):
-    if not self.landmark_every:
-      return self._step_layers(self._embed(tokens), state)
     x = self._embed(tokens)
-    lm = jnp.broadcast_to(self.landmark[...].astype(x.dtype), x[:, :1].shape)
-    graphdef, params = nnx.split(self)  # carried, so the loops trace them at their level
-    v = self.embed.shape[0]  # vocabulary
+    if self.layout is None:
+      return self._step_layers(x, state)
+    graphdef, params = nnx.split(self)  # carried, so the layout's loops trace them
 
-    def one(carry, xi):
-      """A token, then (after every ``landmark_every``-th) a landmark: one or two passes of
-      a while loop (a ``lax.cond`` around the layers would copy every KV cache per token)."""
-      st, n, p = carry
-      n = n + 1
-      passes = 1 + (n % self.landmark_every == 0).astype(jnp.int32)
+    def apply(p, inp, s):
+      return nnx.merge(graphdef, p)._step_layers(inp, s)  # pylint: disable=protected-access
 
-      def body(c):
-        i, s, lg, pp = c
-        inp = jnp.where(i == 0, xi[:, None], lm)
-        out, s = nnx.merge(graphdef, pp)._step_layers(inp, s)
-        return i + 1, s, jnp.where(i == 0, out[:, 0], lg), pp
-
-      init = (jnp.zeros((), jnp.int32), st, jnp.zeros((xi.shape[0], v), jnp.float32), p)
-      _, st, logits, _ = jax.lax.while_loop(lambda c: c[0] < passes, body, init)
-      return (st, n, p), logits
-
-    if x.shape[1] == 1:  # decode: no scan around the caches
-      (layers, n, _), logits = one((state["layers"], state["tokens"], params), x[:, 0])
-      return logits[:, None], {"layers": layers, "tokens": n}
-    (layers, n, _), logits = jax.lax.scan(one, (state["layers"], state["tokens"], params),
-                                          jnp.moveaxis(x, 1, 0))
-    return jnp.moveaxis(logits, 0, 1), {"layers": layers, "tokens": n}
+    return self.layout.step(x, state, apply, params, out_dim=self.embed.shape[0])
 
   def _step_layers(self, x, state):
     if self.scan_layers:

@@ -6,6 +6,7 @@ from flax import nnx
 from configs import joint_recall
 from experiments import reproduce_joint_recall as rjr
 from lcm import config as config_lib
+from layers import landmark_tokens
 from lcm import model as model_lib
 from lcm.data.tasks import joint_recall as jr
 
@@ -73,7 +74,7 @@ def test_config_blocks_hold_one_pair_each_at_seq_64_and_split_them_at_65():
   every = c.model.mixers.landmark["block_size"] - 1
   d = c.data
   for seq_len, same_block in ((64, True), (65, False)):
-    _, _, has_lm, _ = model_lib.landmark_layout(None, 1, seq_len, every)
+    _, _, has_lm, _ = landmark_tokens.landmark_layout(None, 1, seq_len, every)
     block = np.cumsum(np.concatenate([[0], np.asarray(has_lm[0])[:-1]]))  # block of each token
     for index in range(3):
       inputs = jr.joint_recall_example(index, seed=0, vocab_size=d.vocab_size, seq_len=seq_len,
@@ -88,7 +89,7 @@ def test_with_seq_len_keeps_training_exact_over_the_extended_row():
   for seq_len in (64, 65, 100):
     c = rjr.with_seq_len(joint_recall.get_config("mamba2,landmark"), seq_len)
     lm = c.model.mixers.landmark
-    *_, ext = model_lib.landmark_layout(None, 1, seq_len, lm.block_size - 1)
+    *_, ext = landmark_tokens.landmark_layout(None, 1, seq_len, lm.block_size - 1)
     assert c.data.seq_len == seq_len and lm.exact_len % lm.block_size == 0
     assert ext <= lm.exact_len < ext + lm.block_size, (seq_len, ext, lm.exact_len)
     config_lib.validate(c, num_devices=1)

@@ -7,6 +7,7 @@ from flax import nnx
 
 from experiments import reproduce_landmark
 from lcm import config as config_lib
+from layers import landmark_tokens
 from lcm import model as model_lib
 
 
@@ -65,7 +66,7 @@ def test_question_offsets_name_the_lengths_whose_answer_crosses_a_block():
   # the layout the offset is about: the LM puts a landmark after real token j iff
   # j % (block_size - 1) == block_size - 2, so token j sits at offset j % 31 of its block
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  _, _, has_lm, _ = model_lib.landmark_layout(jnp.ones((1, 100), jnp.int32), 1, 100, 31)
+  _, _, has_lm, _ = landmark_tokens.landmark_layout(jnp.ones((1, 100), jnp.int32), 1, 100, 31)
   assert np.flatnonzero(np.asarray(has_lm[0])).tolist() == [30, 61, 92]
 
 

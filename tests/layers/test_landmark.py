@@ -15,6 +15,7 @@ import pytest
 from flax import nnx
 
 from layers import landmark as landmark_lib
+from layers import landmark_tokens
 from lcm import model as model_lib
 from lcm import registry
 
@@ -220,7 +221,7 @@ def test_bad_config_names_the_field():
 
 def test_landmark_layout_per_document():
   seg = jnp.array([[0, 0, 0, 0, 0, 1, 1, 1, 1]])
-  tok, lm, has, ext = model_lib.landmark_layout(seg, 1, 9, 3)  # a landmark after 3 tokens
+  tok, lm, has, ext = landmark_tokens.landmark_layout(seg, 1, 9, 3)  # a landmark after 3 tokens
   assert ext == 12
   assert tok[0].tolist() == [0, 1, 2, 4, 5, 6, 7, 8, 10]
   assert np.asarray(has[0]).nonzero()[0].tolist() == [2, 7]
@@ -240,7 +241,7 @@ def tiny_lm(pattern="landmark", **landmark):
 
 def test_lm_with_landmarks_step_equals_parallel_and_uses_them():
   m = tiny_lm("mamba2,landmark", exact_len=8, top_k=1)
-  assert m.landmark_every == BS - 1
+  assert m.layout.every == BS - 1
   tok = jax.random.randint(jax.random.key(3), (B, 13), 0, 32)
   want = np.asarray(_fwd(m, tok))
   assert want.shape == (B, 13, 32)
@@ -249,7 +250,7 @@ def test_lm_with_landmarks_step_equals_parallel_and_uses_them():
   b, st = _step(m, tok[:, 5:], st)
   np.testing.assert_allclose(np.concatenate([a, b], 1), want, atol=2e-5, rtol=0)
   assert int(st["tokens"]) == 13
-  m.landmark[...] = m.landmark[...] + 1.0  # the landmark embedding reaches the logits
+  m.layout.embedding[...] = m.layout.embedding[...] + 1.0  # the landmark embedding reaches the logits
   moved = np.asarray(_fwd(m, tok))
   assert np.abs(moved[:, 3:] - want[:, 3:]).max() > 1e-4
   np.testing.assert_allclose(moved[:, :3], want[:, :3], atol=1e-6)

@@ -83,13 +83,19 @@ def test_remat_does_not_change_gradients():
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
 
 
-def test_packed_document_logits_equal_document_alone(scanned):
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_packed_document_logits_equal_document_alone(scanned, scan_layers):
+  """Both layer loops (``nnx.scan`` over stacked groups and the Python loop) must hand the
+  segment ids to every mixer: document B after document A == document B alone."""
+  m = scanned if scan_layers else model_lib.LM(model_cfg(scan_layers=False), rngs=nnx.Rngs(0))
   a, b = 4, T - 4
   tok = _tokens(3)
   seg = jnp.concatenate([jnp.zeros((B, a), jnp.int32), jnp.ones((B, b), jnp.int32)], 1)
-  packed = scanned(tok, seg)
-  alone = scanned(tok[:, a:])
+  packed = m(tok, seg)
+  alone = m(tok[:, a:])
   np.testing.assert_allclose(packed[:, a:], alone, atol=1e-5, rtol=0)
+  unpacked = m(tok)  # without segment ids document B sees document A: the test can fail
+  assert float(jnp.max(jnp.abs(unpacked[:, a:] - packed[:, a:]))) > 1e-3
 
 
 def test_stacked_params_have_layers_axis_and_state_size(scanned):
