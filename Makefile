@@ -18,7 +18,7 @@ for c in $${PYTHON:-} python3.13 python3.12 python3 /root/.pyenv/versions/3.1[2-
 done; exit 1
 endef
 
-.PHONY: train test venv venv-dev bench clean
+.PHONY: train test venv venv-dev bench check-results clean
 
 $(VENV)/.base: setup.cfg pyproject.toml
 	@py=$$($(find_python)) || { \
@@ -52,6 +52,10 @@ test: $(VENV)/.dev
 # Layer throughput vs the published peers (mamba2-jax, titans-pytorch), in one process.
 bench: $(VENV)/.bench
 	$(PY) -m experiments.bench layers --repeats=3 --out=results/bench_layers
+
+# Lists results files older than the code they measure (not part of `make test`).
+check-results: $(VENV)/.base
+	$(PY) -m experiments.check_results
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
