@@ -1,11 +1,15 @@
 """Passkey retrieval in a noise haystack: S-NIAH (one needle) and MK-NIAH (several keys).
 
 References: Mohtashami & Jaggi 2023 ("Landmark Attention", the passkey task); Hsieh et al.
-2024 (RULER: S-NIAH-1/2/3 -- one needle whose value is a number, a word or a UUID -- and
-MK-NIAH-1 -- several needles with their own keys, the question asks for one); Behrouz et
-al. 2025 (Titans, Table 2: S-NIAH at 2k..16k). This is lcm's own token-level version, a pure
-function of ``(seed, index)`` like every lcm task, whose haystack is random tokens so that
-a model cannot lean on language statistics.
+2024 (RULER: S-NIAH-1/2/3 -- one needle with a word-pair key whose value is a 7-digit
+number, a 7-digit number, a 32-hex UUID, in repeated-sentence, essay and essay filler
+respectively -- and MK-NIAH-1 -- several needles with their own keys, the question asks for
+one); Behrouz et al. 2025 (Titans, Table 2: S-NIAH at 2k..16k). This is lcm's own
+token-level version, a pure function of ``(seed, index)`` like every lcm task, whose
+haystack is random tokens so that a model cannot lean on language statistics. It is much
+easier than the papers' protocols (which test a text-trained LM zero-shot, with natural
+filler that contains other numbers) and models are trained on it directly: its scores are
+not comparable with the papers' numbers.
 
 Vocabulary (``V``): ``1`` = needle marker, ``2`` = query marker, ``3..12`` = the ten
 digits, ``13..V-1`` = haystack tokens (``0`` is never used). The value alphabet depends on
