@@ -18,6 +18,10 @@ from jax import lax
 
 _HI = lax.Precision.HIGHEST
 
+# Every op's ``impl=`` values (``"auto"`` resolves to one of the others), and the Pallas ones.
+IMPLS = ("auto", "reference", "xla", "pallas_tpu", "pallas_gpu")
+PALLAS_IMPLS = ("pallas_tpu", "pallas_gpu")
+
 
 # ----------------------------------------------------------------------------------
 # Dispatch and static configuration.

@@ -16,11 +16,10 @@ import ml_collections
 
 from layers.common import ConfigError
 from lcm import registry
+from lcm.data.tasks import TASKS
 
 DTYPES = ("float32", "bfloat16")
 NAN_POLICIES = ("stop", "skip")
-TASKS = ("mqar", "passkey", "text", "joint_recall", "set_disjointness", "selective_copy",
-         "sequence_order", "phonebook")
 
 
 def base_config() -> ml_collections.ConfigDict:

@@ -60,7 +60,7 @@ import math
 
 import jax
 
-from kernels.common import KernelConfig, auto_impl, interpret_key
+from kernels.common import IMPLS, PALLAS_IMPLS, KernelConfig, auto_impl, interpret_key
 from kernels.block_sparse.reference import (block_sparse_reference, causal_blocks,
                                             check_inputs, concrete_bounds,
                                             gathered_backward, gathered_forward,
@@ -69,8 +69,6 @@ from kernels.block_sparse.reference import (block_sparse_reference, causal_block
 
 __all__ = ["block_sparse_attention", "causal_blocks", "sliding_window_blocks",
            "topk_blocks", "IMPLS"]
-
-IMPLS = ("auto", "reference", "xla", "pallas_tpu", "pallas_gpu")
 
 
 def block_sparse_attention(q, k, v, block_indices, block_counts, *, block_size: int,
@@ -115,7 +113,7 @@ def block_sparse_attention(q, k, v, block_indices, block_counts, *, block_size: 
   B, T, H, D = q.shape
   nk = T // block_size
   scale = (1.0 / math.sqrt(D)) if scale is None else float(scale)
-  if impl in ("pallas_tpu", "pallas_gpu"):
+  if impl in PALLAS_IMPLS:
     if not _pallas_block_ok(impl, block_size):
       need = "a power of two >= 16" if impl == "pallas_gpu" else "a multiple of 16"
       raise ValueError(f"impl={impl!r} needs block_size to be {need}; got {block_size}.")

@@ -57,14 +57,13 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from kernels.common import KernelConfig, auto_impl, interpret_key, pad_time, suffix_sum
+from kernels.common import (IMPLS, KernelConfig, auto_impl, interpret_key, pad_time,
+                            suffix_sum)
 from kernels.chunked_scan.reference import (check_inputs, expand_groups,
                                             linear_recurrence_chunked,
                                             linear_recurrence_reference)
 
 __all__ = ["linear_recurrence", "IMPLS"]
-
-IMPLS = ("auto", "reference", "xla", "pallas_tpu", "pallas_gpu")
 
 
 def linear_recurrence(q, k, v, log_decay=None, *, initial_state=None, reset=None,

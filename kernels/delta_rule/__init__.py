@@ -61,13 +61,11 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from kernels.common import KernelConfig, auto_impl, interpret_key
+from kernels.common import IMPLS, KernelConfig, auto_impl, interpret_key
 from kernels.delta_rule.reference import (check_inputs, chunk_outputs, delta_rule_chunked,
                                           delta_rule_reference, prepare_chunks, unchunk)
 
 __all__ = ["delta_rule", "IMPLS"]
-
-IMPLS = ("auto", "reference", "xla", "pallas_tpu", "pallas_gpu")
 
 
 def delta_rule(q, k, v, beta, log_decay=None, *, initial_state=None, reset=None,

@@ -62,14 +62,11 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from kernels.common import KernelConfig, auto_impl, interpret_key, pad_time
+from kernels.common import IMPLS, KernelConfig, auto_impl, interpret_key, pad_time
 from kernels.diag_scan.reference import (check_inputs, diagonal_recurrence_chunked,
                                          diagonal_recurrence_reference, state_dtype)
 
 __all__ = ["diagonal_recurrence", "IMPLS"]
-
-IMPLS = ("auto", "reference", "xla", "pallas_tpu", "pallas_gpu")
-PALLAS_IMPLS = ("pallas_tpu", "pallas_gpu")
 
 
 def _auto_impl(is_complex: bool) -> str:

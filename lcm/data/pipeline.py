@@ -29,6 +29,7 @@ import numpy as np
 
 from layers.common import ConfigError
 from lcm.data import text as text_lib
+from lcm.data.tasks import TASKS
 from lcm.data.tasks.mqar import MQARConfig, mqar_example
 from lcm.data.tasks.passkey import PasskeyConfig, passkey_example
 from lcm.data.tasks.joint_recall import JointRecallConfig, joint_recall_example
@@ -45,9 +46,6 @@ __all__ = [
     "train_iterator",
     "eval_batches",
 ]
-
-TASKS = ("mqar", "passkey", "text", "joint_recall", "set_disjointness", "selective_copy",
-         "sequence_order", "phonebook")
 
 # Effectively infinite: 2**40 examples per process.
 _NUM_EXAMPLES = 2**40

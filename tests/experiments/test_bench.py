@@ -3,31 +3,41 @@ claims)."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from experiments import bench
+from experiments.bench import common, decode, swa
+from experiments.bench import kernels as kernel_bench
+from experiments.bench import layers as layer_bench
 from lcm import registry
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_fit_exponent_recovers_power_law():
   pts = {t: 3.0 * t**1.5 for t in (4096, 8192, 16384, 32768)}
-  assert abs(bench._fit_exponent(pts) - 1.5) < 1e-9  # pylint: disable=protected-access
-  assert bench._fit_exponent({1024: 1.0}) is None  # pylint: disable=protected-access
+  assert abs(common.fit_exponent(pts) - 1.5) < 1e-9
+  assert common.fit_exponent({1024: 1.0}) is None
 
 
 def test_linear_recurrence_flops_counts_padded_chunks():
   # one chunk of 64, Dk = Dv = 64: forward 4 matmuls of 2 * 64^3, fwd + bwd = 3x
-  assert bench.linear_recurrence_flops(1, 64, 1, 64, 64, 64) == 3 * 4 * 2 * 64**3
+  assert kernel_bench.linear_recurrence_flops(1, 64, 1, 64, 64, 64) == 3 * 4 * 2 * 64**3
   # T = 65 pads to two chunks; batch and heads multiply
-  assert bench.linear_recurrence_flops(2, 65, 3, 64, 64, 64) == 2 * 3 * 2 * 3 * 4 * 2 * 64**3
+  assert (kernel_bench.linear_recurrence_flops(2, 65, 3, 64, 64, 64)
+          == 2 * 3 * 2 * 3 * 4 * 2 * 64**3)
 
 
 def test_kernel_benchmark_report_at_toy_sizes():
-  r = bench.kernel_benchmark(
+  r = kernel_bench.kernel_benchmark(
       ["linear_recurrence", "diagonal_recurrence"], [32, 64], batch=1, heads=1, head_dim=16,
       chunk_size=16, repeats=1, reference_max_len=32, dense_max_len=32,
       max_call_seconds=60.0, fit_from=32, matmul_size=32)
@@ -56,10 +66,10 @@ def toy_layers():
   """mamba2 at two lengths, s4d at one and, when it is installed, the mamba2-jax peer; one
   call shared by the tests below. (mamba and titans_lmm go through the same code path as
   s4d; they are left out to save their compiles.)"""
-  return bench.layer_benchmark(mamba2_lengths=(16, 32), peer_lengths=(16,),
-                               ssm_lengths=(16,), titans_lengths=(16,),
-                               peers=("mamba2-jax",), only=("mamba2", "s4d", "mamba2_jax"),
-                               **_TOY)
+  return layer_bench.layer_benchmark(mamba2_lengths=(16, 32), peer_lengths=(16,),
+                                     ssm_lengths=(16,), titans_lengths=(16,),
+                                     peers=("mamba2-jax",),
+                                     only=("mamba2", "s4d", "mamba2_jax"), **_TOY)
 
 
 def _n_params(name, **overrides):
@@ -111,12 +121,12 @@ def test_layer_benchmark_mamba2_jax_peer_same_config(toy_layers):
 
 def test_layer_benchmark_titans_pytorch_peer_threads():
   pytest.importorskip("titans_pytorch")
-  r = bench.layer_benchmark(titans_lengths=(8,), peers=("titans-pytorch",),
-                            only=("titans_pytorch", "titans_pytorch_matched"), **_TOY)
+  r = layer_bench.layer_benchmark(titans_lengths=(8,), peers=("titans-pytorch",),
+                                  only=("titans_pytorch", "titans_pytorch_matched"), **_TOY)
   full, matched = r["layers"]["titans_pytorch"], r["layers"]["titans_pytorch_matched"]
   for p in (full, matched):
     assert set(p["points"]) == {"8"} and p["points"]["8"]["ms"] > 0
-    assert p["torch_threads"] == bench.cpu_threads()
+    assert p["torch_threads"] == common.cpu_threads()
   assert "dim_head" not in full["config"] and matched["config"]["dim_head"] == 16
   assert 0 < matched["params"] < full["params"]  # dim_head defaults to dim: wider heads
   assert r["layers"]["mamba2"] == {"status": "not timed (not selected)"}
@@ -124,7 +134,7 @@ def test_layer_benchmark_titans_pytorch_peer_threads():
 
 def test_titans_overrides_name_heads_and_chunk():
   assert "titans_lmm" in registry.names()
-  o = bench._titans_overrides(4, 64)  # pylint: disable=protected-access
+  o = layer_bench.titans_overrides(4, 64)
   assert sorted(o.values()) == [4, 64]
   registry.validate("titans_lmm", 256, o)  # the names are titans_lmm.Config fields
 
@@ -137,19 +147,19 @@ def test_swa_benchmark_bookkeeping_and_dense_baseline():
   # The dense baseline: query-blocked == unblocked == the kernel over full causal lists.
   ks = jax.random.split(jax.random.PRNGKey(1), 3)
   q, k, v = (jax.random.normal(k_, (1, 32, 2, 8)) for k_ in ks)
-  full = bench.dense_causal_attention(q, k, v)
-  np.testing.assert_allclose(bench.dense_causal_attention(q, k, v, query_block=8), full,
+  full = swa.dense_causal_attention(q, k, v)
+  np.testing.assert_allclose(swa.dense_causal_attention(q, k, v, query_block=8), full,
                              atol=1e-5)
   idx, cnt = causal_blocks(32, 8)
   np.testing.assert_allclose(block_sparse_attention(q, k, v, idx, cnt, block_size=8), full,
                              atol=1e-5)
   # Blocking is chosen from the memory the unblocked temporaries need (4 x [B,H,T,T] fp32).
-  assert bench._dense_query_block(1, 16384, 4, 0, 16 * 2**30)[0] == 1024  # pylint: disable=protected-access
-  assert bench._dense_query_block(1, 1024, 4, 0, 16 * 2**30)[0] is None  # pylint: disable=protected-access
-  assert bench._dense_query_block(1, 1024, 4, 256, None)[0] == 256  # pylint: disable=protected-access
+  assert swa.dense_query_blocking(1, 16384, 4, 0, 16 * 2**30)[0] == 1024
+  assert swa.dense_query_blocking(1, 1024, 4, 0, 16 * 2**30)[0] is None
+  assert swa.dense_query_blocking(1, 1024, 4, 256, None)[0] == 256
   # Toy run: both cases timed, the ratio is dense / sparse, the T=16k target unmeasured.
-  r = bench.swa_benchmark(seq_len=64, batch=1, heads=2, head_dim=8, window=20, block_size=16,
-                          repeats=2, dense_query_block=16)
+  r = swa.swa_benchmark(seq_len=64, batch=1, heads=2, head_dim=8, window=20, block_size=16,
+                        repeats=2, dense_query_block=16)
   sp, dn = r["cases"]["block_sparse_swa"], r["cases"]["dense_causal"]
   for c in (sp, dn):
     assert c["ms"] > 0 and c["runs"] == 2 and len(c["all_ms"]) == 2 and c["grads_finite"]
@@ -163,27 +173,46 @@ def test_swa_benchmark_bookkeeping_and_dense_baseline():
 
 @pytest.mark.parametrize("level", ["mixer", "lm"])
 def test_decode_benchmark_times_landmark_at_the_context_asked(level):
-  from experiments import bench  # pylint: disable=g-import-not-at-top
-  r = bench.decode_benchmark(["landmark"], [64, 256], d_model=16, num_layers=1, tokens=2,
-                             repeats=1, level=level)
+  r = decode.decode_benchmark(["landmark"], [64, 256], d_model=16, num_layers=1, tokens=2,
+                              repeats=1, level=level)
   lm = r["landmark"]
   assert set(lm) >= {"64", "256", "latency_growth", "memory_growth"}
   assert lm["64"]["ms_per_token"] > 0 and lm["256"]["state_bytes"] > lm["64"]["state_bytes"]
-  # _at_context moves every position counter, so retrieval (not the empty cache) is timed.
-  st = bench._at_context({"layers": [[{"pos": jnp.zeros((), jnp.int32)}]],
+  # at_context moves every position counter, so retrieval (not the empty cache) is timed.
+  st = decode.at_context({"layers": [[{"pos": jnp.zeros((), jnp.int32)}]],
                           "tokens": jnp.zeros((), jnp.int32)}, 300)
   assert int(st["layers"][0][0]["pos"]) == 300 and int(st["tokens"]) == 300
 
 
 def test_with_huge_pages_reexecs_once_with_the_tunable(monkeypatch):
   calls = []
-  monkeypatch.setattr(bench.os, "execve", lambda *a: calls.append(a))
+  monkeypatch.setattr(common.os, "execve", lambda *a: calls.append(a))
   monkeypatch.setenv("GLIBC_TUNABLES", "glibc.foo=1")
-  bench._with_huge_pages()  # pylint: disable=protected-access
+  common.with_huge_pages()
   (exe, argv, env), = calls
-  assert exe == bench.sys.executable and argv[0] == exe
-  assert argv[1:] == bench.sys.orig_argv[1:]
-  assert env["GLIBC_TUNABLES"] == "glibc.foo=1:" + bench.HUGE_PAGES_TUNABLE
-  monkeypatch.setenv("GLIBC_TUNABLES", bench.HUGE_PAGES_TUNABLE)
-  bench._with_huge_pages()  # pylint: disable=protected-access
+  assert exe == common.sys.executable and argv[0] == exe
+  assert argv[1:] == common.sys.orig_argv[1:]
+  assert env["GLIBC_TUNABLES"] == "glibc.foo=1:" + common.HUGE_PAGES_TUNABLE
+  monkeypatch.setenv("GLIBC_TUNABLES", common.HUGE_PAGES_TUNABLE)
+  common.with_huge_pages()
   assert len(calls) == 1  # already set: no second exec
+
+
+def test_command_writes_json_with_provenance_and_png(tmp_path):
+  """``python -m experiments.bench kernels`` at toy sizes: the JSON starts with its
+  provenance (command, commit, code paths the figures depend on, the PNG written)."""
+  out = tmp_path / "bench_kernels"
+  argv = [sys.executable, "-m", "experiments.bench", "kernels", "--ops=diagonal_recurrence",
+          "--lengths=32", "--heads=1", "--head_dim=8", "--matmul_size=32", "--repeats=1",
+          "--nohuge_pages", f"--out={out}"]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  subprocess.run(argv, cwd=ROOT, env=env, check=True, capture_output=True, text=True)
+  with open(f"{out}.json", encoding="utf-8") as f:
+    report = json.load(f)
+  assert list(report)[0] == "provenance"
+  prov = report["provenance"]
+  assert set(prov) == {"command", "commit", "dirty", "date", "code", "outputs"}
+  assert prov["command"].startswith("python -m experiments.bench kernels --ops=")
+  assert prov["code"] == ["experiments/bench", "kernels"]
+  assert prov["outputs"] == [f"{out}.png"] and os.path.getsize(f"{out}.png") > 1000
+  assert report["what"] == "kernels" and "diagonal_recurrence" in report["result"]["ops"]

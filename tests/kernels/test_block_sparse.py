@@ -31,6 +31,7 @@ from jax.experimental.pallas import tpu as pltpu
 from kernels.block_sparse import (block_sparse_attention, causal_blocks,
                                   sliding_window_blocks, topk_blocks)
 from kernels.block_sparse.reference import normalize_lists
+from kernels.common import PALLAS_IMPLS
 from tests.kernels.helpers import export as _export
 from tests.kernels.helpers import jit_fast as _jit
 from tests.kernels.helpers import rel_rms
@@ -41,7 +42,7 @@ pytestmark = pytest.mark.filterwarnings(
 B, T, H, D, BS = 2, 64, 2, 16, 16
 NQ = T // BS
 WINDOW = 20
-PALLAS = ("pallas_tpu", "pallas_gpu")
+PALLAS = PALLAS_IMPLS
 IMPLS = ("xla",) + PALLAS
 CASES = ("mixed", "window", "noncausal")
 

@@ -17,6 +17,7 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 
 from kernels.chunked_scan import linear_recurrence
+from kernels.common import PALLAS_IMPLS
 from tests.kernels.helpers import export as _export
 from tests.kernels.helpers import jit_fast as _jit
 from tests.kernels.helpers import per_head_rel_err, rel_rms
@@ -26,7 +27,7 @@ pytestmark = pytest.mark.filterwarnings(
 
 B, T, H, DK, DV = 2, 50, 2, 8, 8  # T is not a multiple of any chunk size used
 KINDS = ("none", "scalar", "channel")
-PALLAS = ("pallas_tpu", "pallas_gpu")
+PALLAS = PALLAS_IMPLS
 ARGS = ("q", "k", "v", "log_decay", "initial_state")
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
 
+from kernels.common import PALLAS_IMPLS
 from kernels.delta_rule import delta_rule
 from tests.kernels.helpers import export as _export
 from tests.kernels.helpers import jit_fast as _jit
@@ -27,7 +28,7 @@ pytestmark = pytest.mark.filterwarnings(
     "ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
 
 B, T, H, DK, DV = 2, 50, 2, 8, 8  # T is not a multiple of any chunk size used
-PALLAS = ("pallas_tpu", "pallas_gpu")
+PALLAS = PALLAS_IMPLS
 ARGS = ("q", "k", "v", "beta", "log_decay", "initial_state")
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
 
+from kernels.common import PALLAS_IMPLS
 from kernels.diag_scan import diagonal_recurrence
 from tests.kernels.helpers import export as _export
 from tests.kernels.helpers import jit_fast as _jit
@@ -26,8 +27,8 @@ pytestmark = pytest.mark.filterwarnings(
 
 B, T = 2, 50  # T is not a multiple of any chunk size used
 SHAPES = {"btd": (B, T, 6), "btdn": (B, T, 3, 4)}  # S4D / RG-LRU style; Mamba-1 style
-IMPLS = ("xla", "pallas_tpu", "pallas_gpu")
-PALLAS = ("pallas_tpu", "pallas_gpu")
+PALLAS = PALLAS_IMPLS
+IMPLS = ("xla",) + PALLAS
 ARGS = ("log_a", "b", "initial_state")
 GROUPS = ("near_one", "ordinary", "strong")  # decay regime of channel c: GROUPS[c % 3]
 
