@@ -13,9 +13,9 @@ longer haystack, joint recall more left padding; a text corpus is re-packed into
 rows), on the run's held-out stream (``eval.seed``, the examples the run's own evaluation
 used), and scored with the trainer's masked loss (:func:`lcm.train.loss_and_metrics`): at
 the training length with ``--examples`` equal to ``eval.num_examples`` the numbers are the
-run's final evaluation. Writes ``<out>.json`` and ``<out>.png`` (loss and accuracy vs
-length, a vertical line at the training length) and prints a table; ``--out`` defaults to
-``results/extrapolation/<run name>``.
+run's final evaluation. Writes ``<out>.json`` (with its provenance: ``lcm.provenance``) and
+``<out>.png`` (loss and accuracy vs length, a vertical line at the training length) and prints
+a table; ``--out`` defaults to ``results/extrapolation/<run name>``.
 
 Python API: :func:`parse_lengths`, :func:`extrapolate`, :func:`plot`, :func:`table`.
 """
@@ -35,8 +35,13 @@ import numpy as np
 from flax import nnx
 
 from layers.common import ConfigError
+from lcm import provenance
 
 __all__ = ["parse_lengths", "extrapolate", "plot", "table"]
+
+# What the numbers depend on (lcm.provenance): the model code and this driver (the trained
+# run itself lives in --workdir, outside the repository).
+CODE = ("kernels", "layers", "lcm", "experiments/extrapolation.py")
 
 
 def parse_lengths(text: str | Sequence[str], train_len: int) -> list[int]:
@@ -192,15 +197,10 @@ def main(argv):
       "results", "extrapolation", os.path.basename(os.path.normpath(workdir)))
   result = extrapolate(workdir, _LENGTHS.value, num_examples=_EXAMPLES.value,
                        batch_size=_BATCH.value, step=_STEP.value, progress=True)
-  result["command"] = (f"python -m experiments.extrapolation --workdir={workdir} "
-                       f"--lengths={','.join(_LENGTHS.value)} --examples={_EXAMPLES.value}"
-                       + (f" --batch_size={_BATCH.value}" if _BATCH.value else "")
-                       + (f" --step={_STEP.value}" if _STEP.value is not None else "")
-                       + f" --out={out}")
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  with open(out + ".json", "w", encoding="utf-8") as f:
-    json.dump(result, f, indent=1)
   plot(result, out + ".png")
+  with open(out + ".json", "w", encoding="utf-8") as f:
+    json.dump(provenance.attach(result, code=CODE, outputs=[out + ".png"]), f, indent=1)
   print(f"{result['run']}: task {result['task']}, pattern {result['pattern']}, step "
         f"{result['step']}, trained at length {result['train_len']}, {result['examples']} "
         f"held-out examples per length")

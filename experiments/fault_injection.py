@@ -21,7 +21,7 @@
 
 All processes share one JAX persistent compilation cache (filled by the reference run), so
 a restart costs start-up and restore, not compilation. Writes ``--out`` (JSON): one record
-per kill and the overall verdicts.
+per kill and the overall verdicts, with their provenance (``lcm.provenance``).
 """
 
 from __future__ import annotations
@@ -38,6 +38,8 @@ import time
 
 from absl import app, flags, logging
 
+from lcm import provenance
+
 _KILLS = flags.DEFINE_integer("kills", 20, "Number of SIGKILLs.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the kill schedule.")
 _STEPS = flags.DEFINE_integer("steps", 60, "Training steps.")
@@ -49,6 +51,10 @@ _WORKDIR = flags.DEFINE_string("workdir", "/tmp/lcm_fault_injection", "Scratch d
 _OUT = flags.DEFINE_string("out", "results/crash_safety.json", "Output JSON.")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# What the verdicts depend on (lcm.provenance): the trainer and checkpointing (lcm), the model
+# and config it trains, the training entry point and this driver.
+CODE = ("kernels", "layers", "lcm", "configs", "experiments/train.py",
+        "experiments/fault_injection.py")
 TINY = {
     "model.d_model": 16, "model.num_layers": 1, "data.seq_len": 16, "data.batch_size": 8,
     "data.vocab_size": 32, "data.num_kv_pairs": 2, "train.warmup_steps": 5,
@@ -304,9 +310,6 @@ def main(argv):
           for w in nxt_log["reported_unusable"])
       for nxt, nxt_log in zip(records, records[1:] + [final]) if "deliberately_damaged" in nxt)
   summary = {
-      "command": " ".join(["python -m experiments.fault_injection", f"--kills={_KILLS.value}",
-                           f"--seed={_SEED.value}", f"--steps={steps}",
-                           f"--checkpoint_every={_EVERY.value}", f"--keep={_KEEP.value}"]),
       "config": {**TINY, "train.steps": steps, "train.checkpoint_every": _EVERY.value,
                  "train.keep_checkpoints": _KEEP.value},
       "kills": sum(r["killed"] for r in records),
@@ -332,6 +335,7 @@ def main(argv):
       "deliberately_damaged_checkpoints_reported_and_skipped", "no_traceback_in_any_log",
       "final_state_bitwise_equal_to_uninterrupted", "train_loss_of_every_step_equal")) \
       and summary["kills"] == _KILLS.value and rc == 0
+  summary = provenance.attach(summary, code=CODE)
   os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
   with open(_OUT.value, "w", encoding="utf-8") as f:
     json.dump(summary, f, indent=1)

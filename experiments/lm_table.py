@@ -6,8 +6,8 @@
 Every mixer gets the same model shape, data order, optimizer and token budget
 (``--steps x batch x seq_len``). Runs live in ``--runs/<mixer>`` and resume, so an
 interrupted table continues where it stopped. Writes ``<out>.md`` (the table),
-``<out>/summary.json`` and ``<out>/loss_by_position.png`` (eval loss vs position in the
-document, one curve per mixer).
+``<out>/summary.json`` (the rows, with their provenance: ``lcm.provenance``) and
+``<out>/loss_by_position.png`` (eval loss vs position in the document, one curve per mixer).
 """
 
 import json
@@ -16,8 +16,11 @@ import os
 from absl import app, flags, logging
 
 from configs import lm
-from lcm import train
+from lcm import provenance, train
 from lcm.evals import plots
+
+# What the table depends on (lcm.provenance): the model, the configs, this driver.
+CODE = ("kernels", "layers", "lcm", "configs", "experiments/lm_table.py")
 
 _MIXERS = flags.DEFINE_list("mixers", ["attention", "swa", "mamba2", "gated_deltanet", "gla",
                                        "mamba", "titans_mac"], "Mixer patterns to compare.")
@@ -52,8 +55,6 @@ def main(argv):
     rows.append({"mixer": name, "workdir": workdir, **{k: v for k, v in s.items()
                                                         if k != "config"}})
   os.makedirs(_OUT.value, exist_ok=True)
-  with open(os.path.join(_OUT.value, "summary.json"), "w", encoding="utf-8") as f:
-    json.dump(rows, f, indent=2)
   plots.plot_loss_by_position(_OUT.value, runs={r["mixer"]: r["workdir"] for r in rows})
   tokens = _STEPS.value * _BATCH.value * _SEQ.value
   lines = [
@@ -73,6 +74,9 @@ def main(argv):
   lines += ["", f"![loss by position]({os.path.basename(_OUT.value)}/loss_by_position.png)", ""]
   with open(_OUT.value + ".md", "w", encoding="utf-8") as f:
     f.write("\n".join(lines))
+  outputs = [_OUT.value + ".md", os.path.join(_OUT.value, "loss_by_position.png")]
+  with open(os.path.join(_OUT.value, "summary.json"), "w", encoding="utf-8") as f:
+    json.dump(provenance.attach(rows, code=CODE, outputs=outputs), f, indent=2)
   print("\n".join(lines))
 
 

@@ -8,8 +8,9 @@ seq 64, 4 kv pairs, vocab 256, 1500 steps, evaluation on 1024 held-out examples 
 steps) except for ``--steps``; the table reports the *best* held-out accuracy over the
 evaluations (and the step it came at), the final one, the recurrent state per sequence and
 the training throughput. Runs live in ``--runs/<mixer>`` and resume, so an interrupted table
-continues where it stopped. Writes ``<out>.md``, ``<out>/summary.json`` and
-``<out>/accuracy_vs_state.png`` (best accuracy against state size, the Zoology plot).
+continues where it stopped. Writes ``<out>.md``, ``<out>/summary.json`` (the rows, with their
+provenance: ``lcm.provenance``) and ``<out>/accuracy_vs_state.png`` (best accuracy against
+state size, the Zoology plot).
 """
 
 from __future__ import annotations
@@ -20,7 +21,10 @@ import os
 from absl import app, flags, logging
 
 from configs import mqar
-from lcm import registry, train
+from lcm import provenance, registry, train
+
+# What the table depends on (lcm.provenance): the model, the configs, this driver.
+CODE = ("kernels", "layers", "lcm", "configs", "experiments/mqar_table.py")
 
 _MIXERS = flags.DEFINE_list("mixers", None, "Mixer patterns (default: every registered name).")
 _STEPS = flags.DEFINE_integer("steps", 0, "Training steps per mixer (0: the config's 1500).")
@@ -90,6 +94,21 @@ def table(rows: list[dict], steps: int) -> str:
   return "\n".join(lines)
 
 
+def write_outputs(rows: list[dict], out: str, steps: int) -> str:
+  """Writes ``<out>/accuracy_vs_state.png``, ``<out>.md`` and ``<out>/summary.json`` (the rows
+  with their provenance, which names the other two); returns the Markdown."""
+  os.makedirs(out, exist_ok=True)
+  png, md = os.path.join(out, "accuracy_vs_state.png"), out + ".md"
+  plot_accuracy_vs_state(rows, png)
+  text = table(rows, steps) + (
+      f"\n\n![accuracy vs state]({os.path.basename(out)}/accuracy_vs_state.png)\n")
+  with open(md, "w", encoding="utf-8") as f:
+    f.write(text)
+  with open(os.path.join(out, "summary.json"), "w", encoding="utf-8") as f:
+    json.dump(provenance.attach(rows, code=CODE, outputs=[md, png]), f, indent=2)
+  return text
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
@@ -106,16 +125,8 @@ def main(argv):
                  "best_step": best["step"],
                  **{k: v for k, v in s.items() if k != "config"}})
     print(f"{name}: best {best['accuracy']:.4f} at step {best['step']}", flush=True)
-  os.makedirs(_OUT.value, exist_ok=True)
-  with open(os.path.join(_OUT.value, "summary.json"), "w", encoding="utf-8") as f:
-    json.dump(rows, f, indent=2)
-  plot_accuracy_vs_state(rows, os.path.join(_OUT.value, "accuracy_vs_state.png"))
   steps = _STEPS.value or mqar.get_config().train.steps
-  text = table(rows, steps) + (
-      f"\n\n![accuracy vs state]({os.path.basename(_OUT.value)}/accuracy_vs_state.png)\n")
-  with open(_OUT.value + ".md", "w", encoding="utf-8") as f:
-    f.write(text)
-  print(text)
+  print(write_outputs(rows, _OUT.value, steps))
 
 
 if __name__ == "__main__":

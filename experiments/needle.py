@@ -7,9 +7,9 @@ Every mixer gets ``configs/passkey.py:<name>`` (same width, depth, data, optimiz
 steps) trained at ``--train_len``, then is evaluated on held-out examples at
 ``train_len * factor`` for each of ``--factors`` and at each of ``--depths``. Writes
 ``<out>.md`` (the Titans-paper Table 2 shape: one row per model, one column per length,
-retrieval rate averaged over depths), ``<out>/summary.json``, ``<out>/by_length.png`` and a
-depth x length heatmap per model ``<out>/heatmap_<mixer>.png``. Runs live in
-``--runs/<mixer>`` and resume.
+retrieval rate averaged over depths), ``<out>/summary.json`` (the rows, with their
+provenance: ``lcm.provenance``), ``<out>/by_length.png`` and a depth x length heatmap per model
+``<out>/heatmap_<mixer>.png``. Runs live in ``--runs/<mixer>`` and resume.
 """
 
 from __future__ import annotations
@@ -21,8 +21,11 @@ import numpy as np
 from absl import app, flags, logging
 
 from configs import passkey as passkey_config
-from lcm import generate, registry, train
+from lcm import generate, provenance, registry, train
 from lcm.evals import needle
+
+# What the table and plots depend on (lcm.provenance): the model, the configs, this driver.
+CODE = ("kernels", "layers", "lcm", "configs", "experiments/needle.py")
 
 _MIXERS = flags.DEFINE_list("mixers", ["titans_mac", "mamba2", "gated_deltanet", "attention"],
                             "Mixer patterns to compare.")
@@ -74,8 +77,6 @@ def main(argv):
                  "by_length": {str(n): float(v) for n, v in zip(lengths, by_length)}})
     print(f"{name}: " + "  ".join(f"{n}: {v:.2f}" for n, v in zip(lengths, by_length)),
           flush=True)
-  with open(os.path.join(_OUT.value, "summary.json"), "w", encoding="utf-8") as f:
-    json.dump(rows, f, indent=2)
   needle.plot_by_length({r["mixer"]: {int(k): v for k, v in r["by_length"].items()}
                          for r in rows}, os.path.join(_OUT.value, "by_length.png"),
                         train_len=_TRAIN_LEN.value, title="passkey retrieval vs length")
@@ -103,6 +104,10 @@ def main(argv):
   text = "\n".join(lines) + "\n"
   with open(_OUT.value + ".md", "w", encoding="utf-8") as f:
     f.write(text)
+  outputs = [_OUT.value + ".md", os.path.join(_OUT.value, "by_length.png")] + [
+      os.path.join(_OUT.value, f"heatmap_{r['mixer'].replace(',', '+')}.png") for r in rows]
+  with open(os.path.join(_OUT.value, "summary.json"), "w", encoding="utf-8") as f:
+    json.dump(provenance.attach(rows, code=CODE, outputs=outputs), f, indent=2)
   print(text)
 
 

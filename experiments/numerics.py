@@ -43,7 +43,10 @@ import numpy as np
 from absl import app, flags, logging
 from flax import nnx
 
-from lcm import registry
+from lcm import provenance, registry
+
+# What the numbers depend on (lcm.provenance): the mixers, their kernels, this driver.
+CODE = ("kernels", "layers", "lcm", "experiments/numerics.py")
 
 def _define_flags() -> None:
   """Flags are defined only when run as a program: tests import compare() next to other
@@ -232,12 +235,15 @@ def main(argv):
     new = {r["mixer"]: r for r in rows}
     rows = [new.pop(r["mixer"], r) for r in old["mixers"]] + list(new.values())
   result = {
-      "command": f"python -m experiments.numerics --T={_T.value} --d_model={_D.value}",
       "T": _T.value, "d_model": _D.value, "tol": _TOL.value, "backend": jax.default_backend(),
       "device": str(jax.devices()[0]), "mixers": rows,
       "all_passed": all(r.get("passed") for r in rows),
       "skipped": list(SOFTMAX_ONLY),
   }
+  # --update keeps older rows (each with its measured_at); the provenance names the mixers
+  # measured by this command.
+  extra = {"measured_now": names} if _UPDATE.value else {}
+  result = provenance.attach(result, code=CODE, **extra)
   os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
   with open(_OUT.value, "w", encoding="utf-8") as f:
     json.dump(result, f, indent=1)

@@ -19,7 +19,8 @@ Held-out accuracy is measured on the config's eval set (1024 examples) by one te
 forward pass, and every answer is classified: right; the queried key's value in *another*
 context (the key found, the context binding lost); another value of the example; anything
 else. Training runs live in ``--runs/pattern=<p>`` and resume (a finished run is only
-re-evaluated). Writes ``<out>.md`` / ``<out>.csv``, ``<out>/accuracy.png`` (final accuracy
+re-evaluated). Writes ``<out>.md`` / ``<out>.csv``, ``<out>/summary.json`` (rows and training
+histories, with their provenance: ``lcm.provenance``), ``<out>/accuracy.png`` (final accuracy
 by model) and ``<out>/curves.png`` (held-out accuracy vs step).
 """
 
@@ -36,6 +37,9 @@ from absl import app, flags, logging
 PATTERNS = ("mamba2", "mamba2,swa", "mamba2,landmark", "mamba2,attention")
 KINDS = ("right", "other_context", "other_value", "other")
 SOLVED = 0.9  # what "solves" means in the table's reading
+# What the table depends on (lcm.provenance): the model, the configs, these drivers.
+CODE = ("kernels", "layers", "lcm", "configs", "experiments/reproduce_joint_recall.py",
+        "experiments/reproduce_landmark.py", "experiments/sweep.py")
 
 
 def _define_flags():
@@ -159,7 +163,7 @@ def main(argv):
   del argv
   from configs import joint_recall  # pylint: disable=g-import-not-at-top
   from experiments import reproduce_landmark, sweep  # pylint: disable=g-import-not-at-top
-  from lcm import generate  # pylint: disable=g-import-not-at-top
+  from lcm import generate, provenance  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
   logging.set_verbosity(logging.WARNING)
   base = joint_recall.get_config("mamba2")
@@ -203,8 +207,6 @@ def main(argv):
     w = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
     w.writeheader()
     w.writerows(rows)
-  with open(os.path.join(f.out, "summary.json"), "w", encoding="utf-8") as fh:
-    json.dump({"rows": rows, "histories": histories}, fh, indent=1)
   _plot([r for r in rows if not r.get("error")], histories, f.out)
 
   d, mc = base.data, base.model
@@ -240,6 +242,11 @@ def main(argv):
   text = "\n".join(lines) + "\n"
   with open(f.out + ".md", "w", encoding="utf-8") as fh:
     fh.write(text)
+  outputs = [f.out + ".md", f.out + ".csv", os.path.join(f.out, "accuracy.png"),
+             os.path.join(f.out, "curves.png")]
+  with open(os.path.join(f.out, "summary.json"), "w", encoding="utf-8") as fh:
+    json.dump(provenance.attach({"rows": rows, "histories": histories}, code=CODE,
+                                outputs=outputs), fh, indent=1)
   print(text)
 
 

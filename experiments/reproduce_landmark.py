@@ -17,8 +17,9 @@ its dense ``[T, T]`` scores fit in ``--max_dense_gb``.
 Training uses the exact grouped softmax (``exact_len`` above the training length); the
 evaluation model is the trained one with ``exact_len=0``: every query retrieves, at every
 length (the 1x column uses retrieval too; ``summary.json`` also has the exact-mode 1x score).
-Writes ``<out>.md`` (accuracy-by-length table), ``<out>/summary.json`` and
-``<out>/by_length.png``. Runs live in ``--runs/<mixer>`` and resume.
+Writes ``<out>.md`` (accuracy-by-length table), ``<out>/summary.json`` (the rows, with their
+provenance: ``lcm.provenance``) and ``<out>/by_length.png``. Runs live in ``--runs/<mixer>``
+and resume.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ import os
 import time
 
 from absl import app, flags, logging
+
+# What the table depends on (lcm.provenance): the model, the configs, this driver.
+CODE = ("kernels", "layers", "lcm", "configs", "experiments/reproduce_landmark.py")
 
 
 def _define_flags():
@@ -107,7 +111,7 @@ def retrieval_model(model, config, **landmark_overrides):
 
 def main(argv):
   del argv
-  from lcm import generate, train  # pylint: disable=g-import-not-at-top
+  from lcm import generate, provenance, train  # pylint: disable=g-import-not-at-top
   from lcm.evals import needle  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
   logging.set_verbosity(logging.WARNING)
@@ -158,8 +162,6 @@ def main(argv):
       if r_row is not row:
         rows.append(r_row)
     rows.append(row)
-  with open(os.path.join(f.out, "summary.json"), "w", encoding="utf-8") as fh:
-    json.dump(rows, fh, indent=2)
   needle.plot_by_length({r["mixer"]: {int(k): v for k, v in r["by_length"].items()
                                       if v is not None} for r in rows},
                         os.path.join(f.out, "by_length.png"), train_len=f.train_len,
@@ -198,6 +200,9 @@ def main(argv):
   text = "\n".join(lines) + "\n"
   with open(f.out + ".md", "w", encoding="utf-8") as fh:
     fh.write(text)
+  outputs = [f.out + ".md", os.path.join(f.out, "by_length.png")]
+  with open(os.path.join(f.out, "summary.json"), "w", encoding="utf-8") as fh:
+    json.dump(provenance.attach(rows, code=CODE, outputs=outputs), fh, indent=2)
   print(text)
 
 

@@ -10,10 +10,12 @@ width; the Based paper (Arora et al. 2024) plots recall accuracy against recurre
 size. Here each (mixer, width, lr) is ``configs/mqar.py:<mixer>`` with ``d_model``, the
 learning rate, the sequence length, the number of key-value pairs and the steps overridden
 (2 layers, vocab 256, batch 64), run by :mod:`experiments.sweep` (resumable: finished runs in
-``--runs`` are reused). Outputs: ``<out>.csv`` (every run), ``<out>.md`` (best over learning
-rates per mixer and width, and the state size), ``<out>/accuracy_vs_width.png`` and
-``<out>/accuracy_vs_state.png``. Mixers that are not registered (e.g. ``landmark`` before it
-exists) are reported as missing, not silently dropped.
+``--runs`` are reused). Outputs: ``<out>.csv`` and ``<out>.md`` (best over learning rates per
+mixer and width, and the state size), ``<out>/all_runs.csv`` / ``.md`` (every run),
+``<out>/accuracy_vs_width.png``, ``<out>/accuracy_vs_state.png`` and ``<out>.json`` (the best
+rows, ``rows``, and every run, ``all_runs``, with their provenance: ``lcm.provenance``).
+Mixers that are not registered (e.g. ``landmark`` before it exists) are reported as missing,
+not silently dropped.
 """
 
 from __future__ import annotations
@@ -25,6 +27,10 @@ from absl import app, flags, logging
 from configs import mqar
 from experiments import sweep
 from lcm import registry
+
+# What the figures depend on (lcm.provenance): the model, the configs, these drivers.
+CODE = ("kernels", "layers", "lcm", "configs", "experiments/reproduce_zoology.py",
+        "experiments/sweep.py")
 
 DEFAULT_MIXERS = ["attention", "based", "mamba", "mamba2", "gla", "deltanet", "gated_deltanet",
                   "titans_lmm", "landmark"]
@@ -116,6 +122,11 @@ def main(argv):
   with open(_OUT.value + ".md", "w", encoding="utf-8") as f:
     f.write(text)
   plot(best, _OUT.value, f"MQAR ({setting})")
+  all_runs = os.path.join(_OUT.value, "all_runs")
+  sweep.write_json(best, _OUT.value, code=CODE, all_runs=rows, outputs=[
+      _OUT.value + ".csv", _OUT.value + ".md", all_runs + ".csv", all_runs + ".md",
+      os.path.join(_OUT.value, "accuracy_vs_width.png"),
+      os.path.join(_OUT.value, "accuracy_vs_state.png")])
   print(text)
 
 

@@ -12,10 +12,12 @@ the Cartesian product, in the order given. Every grid point trains in
 ``summary.json`` already records the requested steps is not trained again, so an interrupted
 sweep continues where it stopped. At the end ``<out>.csv`` and ``<out>.md`` hold one row per
 point: the swept values, the best held-out accuracy over the run's evaluations (and its
-step), the final eval loss / accuracy, parameters, recurrent state size and tokens/s.
+step), the final eval loss / accuracy, parameters, recurrent state size and tokens/s, and
+``<out>.json`` the same rows with their provenance (``lcm.provenance``: the command, the
+commit, the code the numbers depend on, and the csv / md written beside it).
 
 Python API (used by ``experiments.reproduce_zoology``): :func:`expand_grid`,
-:func:`apply_overrides`, :func:`run_grid`, :func:`write_table`.
+:func:`apply_overrides`, :func:`run_grid`, :func:`write_table`, :func:`write_json`.
 """
 
 from __future__ import annotations
@@ -30,9 +32,13 @@ from typing import Any, Callable, Iterable, Sequence
 import ml_collections
 
 from layers.common import ConfigError
+from lcm import provenance
 
 __all__ = ["parse_grid", "expand_grid", "apply_overrides", "load_config", "point_name",
-           "eval_history", "run_grid", "write_table"]
+           "eval_history", "run_grid", "write_table", "write_json"]
+
+# What a sweep's numbers depend on (lcm.provenance): the model, the configs, this driver.
+CODE = ("kernels", "layers", "lcm", "configs", "experiments/sweep.py")
 
 COLUMNS = ("best_accuracy", "best_step", "eval_accuracy", "eval_loss", "num_params",
            "state_size", "tokens_per_second", "steps")
@@ -221,6 +227,18 @@ def write_table(rows: list[dict], out: str, keys: Sequence[str],
   return text
 
 
+def write_json(rows: list[dict], out: str, *, code: Iterable[str] = CODE,
+               outputs: Iterable[str] = (), **fields: Any) -> dict:
+  """Writes ``<out>.json``: ``{"provenance": ..., "rows": rows, **fields}`` (``code``: the
+  paths the rows depend on; ``outputs``: the other files the same command wrote, e.g. the
+  ``write_table`` csv / md). Returns what it wrote."""
+  os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+  report = provenance.attach({"rows": list(rows), **fields}, code=code, outputs=outputs)
+  with open(out + ".json", "w", encoding="utf-8") as f:
+    json.dump(report, f, indent=1)
+  return report
+
+
 def main(argv):
   del argv
   from absl import logging  # pylint: disable=import-outside-toplevel
@@ -232,6 +250,7 @@ def main(argv):
                      title=f"Sweep of {_CONFIG.value}",
                      note=f"Made by `python -m experiments.sweep --config={_CONFIG.value} "
                           f"--grid=\"{_GRID.value}\"`.")
+  write_json(rows, _OUT.value, outputs=[_OUT.value + ".csv", _OUT.value + ".md"])
   print(text)
 
 
@@ -243,7 +262,7 @@ def _define_flags() -> None:
                                 "Base config: configs/<family>.py:<arg>.")
   _GRID = flags.DEFINE_string("grid", "", "key=v1,v2;key2=... (dotted config keys).")
   _RUNS = flags.DEFINE_string("runs", "runs/sweep", "Workdirs root.")
-  _OUT = flags.DEFINE_string("out", "results/sweep", "Output prefix (<out>.csv, <out>.md).")
+  _OUT = flags.DEFINE_string("out", "results/sweep", "Output prefix (<out>.csv, .md, .json).")
 
 
 if __name__ == "__main__":
