@@ -64,7 +64,7 @@ def mixer_config(name: str, *, train_len: int, steps: int, batch_size: int, bloc
   ``max_tail`` (-1: ``block_size - 2``) haystack tokens at most follow the training answer
   (``lcm.data.tasks.passkey``): with the question always at the end of a fixed length, it
   sits at one offset within a landmark block, and test lengths that put it across a block
-  boundary fail (NOTES.md, session 8). Every mixer gets the same data.
+  boundary fail (docs/known-issues.md, "Landmark attention"). Every mixer gets the same data.
   """
   from configs import passkey as passkey_config  # pylint: disable=g-import-not-at-top
   c = passkey_config.get_config(name)

@@ -2,7 +2,7 @@
 
 Every op has a single public function with ``impl=`` dispatch (``"reference"``, ``"xla"``,
 ``"pallas_tpu"``, ``"pallas_gpu"``, ``"auto"``) and a ``jax.custom_vjp`` for its Pallas
-implementations. See ``DESIGN.md`` ("The kernel contract").
+implementations. See ``docs/design.md`` ("The kernel contract").
 
   * :mod:`kernels.chunked_scan`: ``linear_recurrence`` -- gated linear recurrence
     ``S_t = diag(exp(g_t)) S_{t-1} + k_t v_t^T``, ``o_t = S_t^T q_t`` (linear attention,

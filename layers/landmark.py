@@ -53,7 +53,7 @@ Forms (the mixer contract):
 The block-sparse kernel (``kernels.block_sparse``) takes one key-block list per *query
 block*; landmark retrieval selects per *token* (a query block's union would let later
 queries influence earlier ones' choice of blocks), so the retrieval path gathers blocks
-per token instead; see NOTES.md.
+per token instead; see docs/design.md and docs/known-issues.md ("Landmark attention").
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Mixer registry: name -> layer class. The only place in lcm that knows every layer.
 
-Every registered class follows the mixer contract (DESIGN.md) and is built the same way::
+Every registered class follows the mixer contract (docs/design.md) and is built the same way::
 
     cls.Config                 a frozen dataclass of hyper-parameters with defaults,
     cls.Config.validate(d_model)   raises layers.common.ConfigError(field, message),

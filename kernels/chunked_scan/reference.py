@@ -309,7 +309,7 @@ def tiled_intra_chunk(q, k, v, g, seg, t):
   is how Mamba2's own kernels skip the causal upper blocks of a chunk.
 
   Measured (session 11, fwd+bwd, B=1, T=4096, H=8, G=1, D=64, chunk 256, one process):
-  see NOTES.md.
+  see docs/performance.md ("What made things faster").
   """
   B, G, C, Dk = q.shape
   R, Dv = v.shape[2], v.shape[4]

@@ -1,4 +1,4 @@
-"""The mixer contract (DESIGN.md), checked for every name in lcm.registry.
+"""The mixer contract (docs/design.md), checked for every name in lcm.registry.
 
 A layer family registered later inherits these tests. Per-mixer overrides (small enough to
 be fast, chosen so that the interesting mechanism actually acts at T=12, e.g. a window

@@ -43,8 +43,8 @@ built at length ``T - r`` and ``r`` haystack tokens are appended. A model that i
 block structure (landmark attention: a landmark every ``block_size - 1`` tokens) then sees
 the question at every offset within a block; with the question always at the end of a
 fixed training length it only ever sees one offset, and a test length that puts the
-question across a block boundary fails (NOTES.md, session 8). Causal models never see the
-tail before they answer.
+question across a block boundary fails (docs/known-issues.md, "Landmark attention").
+Causal models never see the tail before they answer.
 
 ``loss_mask`` is 1 at the ``L`` answer positions (the last ``L`` when ``max_tail == 0``)
 and 0 elsewhere (elsewhere the target is simply the next token). An example is *retrieved*
