@@ -28,14 +28,41 @@ PALLAS_IMPLS = ("pallas_tpu", "pallas_gpu")
 # ----------------------------------------------------------------------------------
 
 
-def auto_impl() -> str:
-  """``impl="auto"``: ``pallas_tpu`` on TPU, ``pallas_gpu`` on GPU, ``xla`` otherwise."""
+# Shape classes of ``impl="auto"``: a call on T tokens is "short" for T < LONG_FROM, else
+# "long". The kernels' costs differ in kind, not only in size, across it: a per-token scan
+# runs T sequential steps (its overhead per step is what a short sequence pays), a chunked
+# form T / C chunks plus C-sized blocks (its fixed per-chunk work is what a short sequence
+# cannot amortise). 4096 is the geometric middle of the lengths that
+# ``python -m experiments.bench auto`` measures for the two classes (1024 and 16384).
+LONG_FROM = 4096
+
+
+def shape_class(length: int) -> str:
+  """``"short"`` for ``length < LONG_FROM`` tokens, else ``"long"``."""
+  return "short" if int(length) < LONG_FROM else "long"
+
+
+def platform() -> str:
+  """The default backend as an ``AUTO`` table names it: ``"tpu"``, ``"gpu"`` (CUDA or ROCm)
+  or ``"cpu"`` (anything else)."""
   backend = jax.default_backend()
   if backend == "tpu":
-    return "pallas_tpu"
+    return "tpu"
   if backend in ("gpu", "cuda", "rocm"):
-    return "pallas_gpu"
-  return "xla"
+    return "gpu"
+  return "cpu"
+
+
+def auto_impl(table=None, length=None) -> str:
+  """``impl="auto"``: the implementation measured fastest for this backend and the shape
+  class of ``length`` tokens, ``table[(platform(), shape_class(length))]`` (each op's
+  ``AUTO`` table). Without a table (or a row for this backend and class): ``pallas_tpu`` on
+  TPU, ``pallas_gpu`` on GPU, ``xla`` otherwise."""
+  backend = platform()
+  default = {"tpu": "pallas_tpu", "gpu": "pallas_gpu"}.get(backend, "xla")
+  if table is None or length is None:
+    return default
+  return table.get((backend, shape_class(length)), default)
 
 
 def interpret_key(interpret):

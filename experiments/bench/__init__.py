@@ -6,6 +6,7 @@
     python -m experiments.bench layers --layers_only=mamba2,mamba2_jax --repeats=9 \
         --out=results/bench_layers_mamba2
     python -m experiments.bench swa --repeats=5 --out=results/bench_swa
+    python -m experiments.bench auto --out=results/bench_auto
 
 One mode per module, chosen by ``--what`` or the one positional argument (``decode`` by
 default); each module's docstring says what it times:
@@ -16,6 +17,8 @@ default); each module's docstring says what it times:
   * :mod:`experiments.bench.layers`: whole lcm mixers vs the published peers, whose
     construction and timing live in :mod:`experiments.bench.peers`.
   * :mod:`experiments.bench.swa`: block-sparse sliding-window vs dense causal attention.
+  * :mod:`experiments.bench.auto`: every kernel's implementations at short and long shapes,
+    the winners that each kernel's ``AUTO`` table (``impl="auto"``) records.
   * :mod:`experiments.bench.common`: the shared flags (``--repeats``, ``--out``,
     ``--huge_pages``, ``--max_call_seconds``), the interleaved timing loop and medians, the
     scaling-exponent fit, the huge-pages re-exec and the JSON (+ PNG) writer, which stamps
@@ -34,6 +37,6 @@ Every mode compiles and warms up each case first, then times all cases interleav
 from __future__ import annotations
 
 # Every mode's flags are defined at import (the README's commands are checked against them).
-from experiments.bench import common, decode, kernels, layers, peers, swa  # noqa: F401
+from experiments.bench import auto, common, decode, kernels, layers, peers, swa  # noqa: F401
 
-__all__ = ["common", "decode", "kernels", "layers", "peers", "swa"]
+__all__ = ["auto", "common", "decode", "kernels", "layers", "peers", "swa"]

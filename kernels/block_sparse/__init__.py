@@ -26,12 +26,14 @@ Implementations (``impl``):
   * ``"xla"``: gathers the listed K/V blocks (``[B, H, nq, max_blocks, bs, D]``, memory
     O(T * max_blocks * bs)), one softmax over them; ``jax.custom_vjp`` whose backward
     recomputes the probabilities from the saved log-sum-exp and scatter-adds dk, dv.
-    The default on CPU.
+    ``auto``'s choice on CPU.
   * ``"pallas_tpu"``: Mosaic kernels with scalar-prefetched lists, grid
     (B, H, nq, max_blocks), m / l / acc in VMEM scratch across the last axis.
   * ``"pallas_gpu"``: Triton kernels, grid (B, H, nq), the row's blocks looped in-kernel.
-  * ``"auto"``: ``pallas_tpu`` on TPU, ``pallas_gpu`` on GPU, ``xla`` otherwise (and ``xla``
-    for a block size the chosen kernel cannot tile).
+  * ``"auto"``: the row of :data:`AUTO` for the backend and T's shape class
+    (``kernels.common.shape_class``): ``pallas_tpu`` on TPU, ``pallas_gpu`` on GPU, ``xla``
+    on CPU (measured: ``python -m experiments.bench auto``), and ``xla`` for a block size
+    the chosen kernel cannot tile.
   ``interpret=True`` runs a Pallas implementation on CPU (any truthy value is passed to
   ``pallas_call(interpret=...)``, e.g. ``pltpu.InterpretParams()`` for the TPU kernels).
 
@@ -68,7 +70,18 @@ from kernels.block_sparse.reference import (block_sparse_reference, causal_block
                                             topk_blocks, transpose_lists)
 
 __all__ = ["block_sparse_attention", "causal_blocks", "sliding_window_blocks",
-           "topk_blocks", "IMPLS"]
+           "topk_blocks", "IMPLS", "AUTO"]
+
+# impl="auto": the implementation measured fastest (fwd+bwd), per backend and shape class
+# (kernels.common.shape_class: "short" for T < LONG_FROM = 4096 tokens, else "long"). CPU
+# rows: the winners of `python -m experiments.bench auto --out=results/bench_auto`
+# (results/bench_auto.json; tests/kernels/test_auto.py checks they agree): xla, ~4x faster
+# than the dense masked reference at 1k tokens and ~15x at 4k (at 16k the reference's
+# [B,H,T,T] temporaries do not fit). TPU / GPU rows: the Pallas kernels, not measured (no
+# accelerator here).
+AUTO = {("cpu", "short"): "xla", ("cpu", "long"): "xla",
+        ("gpu", "short"): "pallas_gpu", ("gpu", "long"): "pallas_gpu",
+        ("tpu", "short"): "pallas_tpu", ("tpu", "long"): "pallas_tpu"}
 
 
 def block_sparse_attention(q, k, v, block_indices, block_counts, *, block_size: int,
@@ -101,8 +114,8 @@ def block_sparse_attention(q, k, v, block_indices, block_counts, *, block_size: 
     raise ValueError(f"impl must be one of {IMPLS}; got {impl!r}.")
   block_size = int(block_size)
   if impl == "auto":
-    impl = auto_impl()
-    if impl != "xla" and not _pallas_block_ok(impl, block_size):
+    impl = auto_impl(AUTO, q.shape[1])
+    if impl in PALLAS_IMPLS and not _pallas_block_ok(impl, block_size):
       impl = "xla"  # a block size the kernels cannot tile
   window = None if window is None else int(window)
   causal = bool(causal)

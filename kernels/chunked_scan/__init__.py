@@ -16,10 +16,12 @@ Public API::
 Implementations (``impl``):
   * ``"reference"``: per-token ``lax.scan``; the ground truth (slow, O(T) sequential steps).
   * ``"xla"``: chunked jnp form (:func:`reference.linear_recurrence_chunked`), fp32 compute,
-    differentiated by ordinary autodiff; the default on CPU.
+    differentiated by ordinary autodiff; ``auto``'s choice on CPU.
   * ``"pallas_tpu"``: Mosaic TPU kernel, grid (B, H, chunks) with the state in VMEM scratch.
   * ``"pallas_gpu"``: Pallas Triton kernel, grid (B, H, Dv blocks), chunks looped in-kernel.
-  * ``"auto"``: ``pallas_tpu`` on TPU, ``pallas_gpu`` on GPU, ``xla`` otherwise.
+  * ``"auto"``: the row of :data:`AUTO` for the backend and T's shape class
+    (``kernels.common.shape_class``): ``pallas_tpu`` on TPU, ``pallas_gpu`` on GPU, ``xla``
+    on CPU (measured: ``python -m experiments.bench auto``).
   ``interpret=True`` runs a Pallas implementation on CPU (any truthy value is passed to
   ``pallas_call(interpret=...)``, e.g. ``pltpu.InterpretParams()`` for the TPU kernel).
 
@@ -63,7 +65,18 @@ from kernels.chunked_scan.reference import (check_inputs, expand_groups,
                                             linear_recurrence_chunked,
                                             linear_recurrence_reference)
 
-__all__ = ["linear_recurrence", "IMPLS"]
+__all__ = ["linear_recurrence", "IMPLS", "AUTO"]
+
+# impl="auto": the implementation measured fastest (fwd+bwd), per backend and shape class
+# (kernels.common.shape_class: "short" for T < LONG_FROM = 4096 tokens, else "long"). CPU
+# rows: the winners of `python -m experiments.bench auto --out=results/bench_auto`
+# (results/bench_auto.json; tests/kernels/test_auto.py checks they agree): xla, ~1.3-1.5x
+# faster than the per-token reference with per-channel decays and 3-7x with none or per-head
+# ones, at 1k and 16k tokens (Mamba-2's reference does not fit at 16k). TPU / GPU rows: the
+# Pallas kernels, not measured (no accelerator here).
+AUTO = {("cpu", "short"): "xla", ("cpu", "long"): "xla",
+        ("gpu", "short"): "pallas_gpu", ("gpu", "long"): "pallas_gpu",
+        ("tpu", "short"): "pallas_tpu", ("tpu", "long"): "pallas_tpu"}
 
 
 def linear_recurrence(q, k, v, log_decay=None, *, initial_state=None, reset=None,
@@ -95,7 +108,7 @@ def linear_recurrence(q, k, v, log_decay=None, *, initial_state=None, reset=None
   if impl not in IMPLS:
     raise ValueError(f"impl must be one of {IMPLS}; got {impl!r}.")
   if impl == "auto":
-    impl = auto_impl()
+    impl = auto_impl(AUTO, q.shape[1])
   if reset is not None:
     reset = reset.astype(bool)
   if impl == "reference":

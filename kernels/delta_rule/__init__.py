@@ -21,10 +21,12 @@ Implementations (``impl``):
   * ``"xla"``: chunked WY form (:func:`reference.delta_rule_chunked`): a ``lax.scan`` over
     chunks whose checkpointed step does one chunk's UT transform (blocked forward
     substitution), outputs and state hand-off; fp32 compute, differentiated by ordinary
-    autodiff; the default on CPU.
+    autodiff; ``auto``'s choice on CPU.
   * ``"pallas_tpu"``: Mosaic TPU kernel, grid (B, H, chunks), state in VMEM scratch.
   * ``"pallas_gpu"``: Pallas Triton kernel, grid (B, H, Dv blocks), chunks looped in-kernel.
-  * ``"auto"``: ``pallas_tpu`` on TPU, ``pallas_gpu`` on GPU, ``xla`` otherwise.
+  * ``"auto"``: the row of :data:`AUTO` for the backend and T's shape class
+    (``kernels.common.shape_class``): ``pallas_tpu`` on TPU, ``pallas_gpu`` on GPU, ``xla``
+    on CPU (measured: ``python -m experiments.bench auto``).
   ``interpret=True`` runs a Pallas implementation on CPU (any truthy value is passed to
   ``pallas_call(interpret=...)``, e.g. ``pltpu.InterpretParams()`` for the TPU kernel).
 
@@ -65,7 +67,17 @@ from kernels.common import IMPLS, KernelConfig, auto_impl, interpret_key
 from kernels.delta_rule.reference import (check_inputs, chunk_outputs, delta_rule_chunked,
                                           delta_rule_reference, prepare_chunks, unchunk)
 
-__all__ = ["delta_rule", "IMPLS"]
+__all__ = ["delta_rule", "IMPLS", "AUTO"]
+
+# impl="auto": the implementation measured fastest (fwd+bwd), per backend and shape class
+# (kernels.common.shape_class: "short" for T < LONG_FROM = 4096 tokens, else "long"). CPU
+# rows: the winners of `python -m experiments.bench auto --out=results/bench_auto`
+# (results/bench_auto.json; tests/kernels/test_auto.py checks they agree): xla, ~3-4x faster
+# than the per-token reference at 1k and 16k tokens. TPU / GPU rows: the Pallas kernels, not
+# measured (no accelerator here).
+AUTO = {("cpu", "short"): "xla", ("cpu", "long"): "xla",
+        ("gpu", "short"): "pallas_gpu", ("gpu", "long"): "pallas_gpu",
+        ("tpu", "short"): "pallas_tpu", ("tpu", "long"): "pallas_tpu"}
 
 
 def delta_rule(q, k, v, beta, log_decay=None, *, initial_state=None, reset=None,
@@ -95,7 +107,7 @@ def delta_rule(q, k, v, beta, log_decay=None, *, initial_state=None, reset=None,
   if impl not in IMPLS:
     raise ValueError(f"impl must be one of {IMPLS}; got {impl!r}.")
   if impl == "auto":
-    impl = auto_impl()
+    impl = auto_impl(AUTO, q.shape[1])
   if reset is not None:
     reset = reset.astype(bool)
   if impl == "reference":

@@ -22,15 +22,18 @@ Implementations (``impl``):
     a ``lax.scan`` over the C positions of a chunk vectorised over all chunks, then a
     ``lax.scan`` handing the carry across the T/C chunks (O(T) work, C + T/C sequential
     steps), decays summed in log space, fp32 compute, differentiated by ordinary autodiff;
-    the default on CPU and the path for complex inputs.
+    ``auto``'s path for complex inputs on TPU / GPU.
     (:func:`reference.diagonal_recurrence_associative`, a ``jax.lax.associative_scan`` with
     the same log-space operator, is the log-depth alternative; tested, not dispatched.)
   * ``"pallas_tpu"``: Mosaic TPU kernel, grid (B, channel blocks of rows x 128 lanes,
     chunks of ``chunk_size`` tokens) with the carry in VMEM scratch.
   * ``"pallas_gpu"``: Pallas Triton kernel, grid (B, channel blocks), time looped in-kernel
     (``chunk_size`` unused).
-  * ``"auto"``: ``pallas_tpu`` on TPU, ``pallas_gpu`` on GPU, ``xla`` otherwise, and ``xla``
-    for complex inputs everywhere (the Pallas kernels are real-only).
+  * ``"auto"``: the row of :data:`AUTO` for the backend and T's shape class
+    (``kernels.common.shape_class``): ``pallas_tpu`` on TPU, ``pallas_gpu`` on GPU,
+    ``reference`` on CPU (measured: ``python -m experiments.bench auto``; the per-token scan
+    is memory-bound and reads each element once, the chunked form several times), and
+    ``xla`` instead of a Pallas kernel for complex inputs (the kernels are real-only).
   ``interpret=True`` runs a Pallas implementation on CPU (any truthy value is passed to
   ``pallas_call(interpret=...)``, e.g. ``pltpu.InterpretParams()`` for the TPU kernel).
 
@@ -62,15 +65,30 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from kernels.common import IMPLS, KernelConfig, auto_impl, interpret_key, pad_time
+from kernels.common import (IMPLS, PALLAS_IMPLS, KernelConfig, auto_impl, interpret_key,
+                            pad_time)
 from kernels.diag_scan.reference import (check_inputs, diagonal_recurrence_chunked,
                                          diagonal_recurrence_reference, state_dtype)
 
-__all__ = ["diagonal_recurrence", "IMPLS"]
+__all__ = ["diagonal_recurrence", "IMPLS", "AUTO"]
+
+# impl="auto": the implementation measured fastest (fwd+bwd), per backend and shape class
+# (kernels.common.shape_class: "short" for T < LONG_FROM = 4096 tokens, else "long"). CPU
+# rows: the winners of `python -m experiments.bench auto --out=results/bench_auto`
+# (results/bench_auto.json; tests/kernels/test_auto.py checks they agree): the per-token
+# reference, ~2-3x faster than the chunked xla form at 1k and 16k tokens over RG-LRU
+# [B,T,256] and Mamba-1 [B,T,512,16|64] shapes and complex S4D ones alike, with a third of
+# its temporaries (the scan is memory-bound; the chunked form makes more passes). TPU / GPU
+# rows: the Pallas kernels, not measured (no accelerator here); complex inputs take xla
+# there (the kernels are real-only).
+AUTO = {("cpu", "short"): "reference", ("cpu", "long"): "reference",
+        ("gpu", "short"): "pallas_gpu", ("gpu", "long"): "pallas_gpu",
+        ("tpu", "short"): "pallas_tpu", ("tpu", "long"): "pallas_tpu"}
 
 
-def _auto_impl(is_complex: bool) -> str:
-  return "xla" if is_complex else auto_impl()  # the Pallas kernels are real-only
+def _auto_impl(is_complex: bool, length: int) -> str:
+  impl = auto_impl(AUTO, length)
+  return "xla" if is_complex and impl in PALLAS_IMPLS else impl  # Pallas is real-only
 
 
 def diagonal_recurrence(log_a, b, *, initial_state=None, reset=None, chunk_size: int = 128,
@@ -100,7 +118,7 @@ def diagonal_recurrence(log_a, b, *, initial_state=None, reset=None, chunk_size:
   log_a = jnp.asarray(log_a)
   is_complex = state_dtype(log_a, b) == jnp.complex64
   if impl == "auto":
-    impl = _auto_impl(is_complex)
+    impl = _auto_impl(is_complex, b.shape[1])
   if reset is not None:
     reset = reset.astype(bool)
   if impl == "reference":
