@@ -15,7 +15,7 @@ w.r.t. every float input, compiled and warmed up first) of every implementation 
 this backend: on CPU ``reference`` and ``xla`` (Pallas in interpret mode is a correctness
 tool, not a candidate); on TPU / GPU also the backend's Pallas kernel. The candidates of one
 case are interleaved (order alternating per round) over ``--repeats`` rounds (3 unless
-given: the ratios decided on are 1.3x and more); ms is the median. About 4 minutes on 2
+given: the ratios decided on are 1.3x and more); ms is the median. About 5 minutes on 2
 shared cores.
 
 A class's winner is the implementation with the lowest geometric mean of ms over the
