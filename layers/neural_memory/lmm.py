@@ -74,7 +74,7 @@ class TitansLMMConfig:
   activation: "gelu" (titans-pytorch) or "silu".
   residual: memory output ``x + MLP(x)``.
   chunk_size: tokens that share one gradient point (C = 1: the exact sequential rule).
-  max_lr: theta_t = max_lr * sigmoid(.) (see "Stability" in docs/drafts/neural_memory.md).
+  max_lr: theta_t = max_lr * sigmoid(.) (docs/numerics.md: "Titans: bounded inner steps").
   max_grad_norm: clip each token's memory gradient to this global norm (None: no clip).
   theta_bias_init, eta_bias_init, alpha_bias_init: bias inits of the three gate logits.
   use_short_conv, conv_size: causal depthwise convolution on q, k, v.
