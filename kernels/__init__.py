@@ -13,6 +13,9 @@ implementations. See ``docs/design.md`` ("The kernel contract").
     query block visits only its listed key blocks (splash-attention index lists), with the
     list builders ``causal_blocks``, ``sliding_window_blocks`` and ``topk_blocks``
     (sliding-window and landmark attention).
+  * :mod:`kernels.neural_memory`: ``memory_recurrence`` -- the Titans neural memory (an MLP
+    trained at test time by momentum gradient steps with forgetting, gradients taken at the
+    chunk-start weights); ``reference`` (per token) and ``xla`` (chunk-parallel), no Pallas form.
 
 :mod:`kernels.common` holds what the ops share: ``auto_impl``, the static
 ``KernelConfig`` of a Pallas call, front padding in time, power-of-two padding for Triton
