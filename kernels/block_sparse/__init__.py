@@ -76,9 +76,9 @@ __all__ = ["block_sparse_attention", "causal_blocks", "sliding_window_blocks",
 # (kernels.common.shape_class: "short" for T < LONG_FROM = 4096 tokens, else "long"). CPU
 # rows: the winners of `python -m experiments.bench auto --out=results/bench_auto`
 # (results/bench_auto.json; tests/kernels/test_auto.py checks they agree): xla, 2.5-5x faster
-# than the dense masked reference at 1k tokens and 9-16x at 4k (three runs) (at 16k the reference's
-# [B,H,T,T] temporaries do not fit). TPU / GPU rows: the Pallas kernels, not measured (no
-# accelerator here).
+# than the dense masked reference at 1k tokens and 9-16x at 4k over four runs; at 16k the
+# reference's [B,H,T,T] temporaries do not fit. TPU / GPU rows: the Pallas kernels, not
+# measured (no accelerator here).
 AUTO = {("cpu", "short"): "xla", ("cpu", "long"): "xla",
         ("gpu", "short"): "pallas_gpu", ("gpu", "long"): "pallas_gpu",
         ("tpu", "short"): "pallas_tpu", ("tpu", "long"): "pallas_tpu"}

@@ -70,11 +70,11 @@ __all__ = ["linear_recurrence", "IMPLS", "AUTO"]
 # impl="auto": the implementation measured fastest (fwd+bwd), per backend and shape class
 # (kernels.common.shape_class: "short" for T < LONG_FROM = 4096 tokens, else "long"). CPU
 # rows: the winners of `python -m experiments.bench auto --out=results/bench_auto`
-# (results/bench_auto.json; tests/kernels/test_auto.py checks they agree): xla, 1.3-3x
-# faster than the per-token reference with per-channel decays and 3.5-9x with none or
-# per-head ones, at 1k and 16k tokens (Mamba-2's reference does not fit at 16k); ranges over
-# three runs on the shared 2-core machine. TPU / GPU rows: the Pallas kernels, not measured
-# (no accelerator here).
+# (results/bench_auto.json; tests/kernels/test_auto.py checks they agree): xla, 1.1-3x
+# faster than the per-token reference with per-channel decays (the slimmest margin: 1.1x at
+# 1k in the committed run) and 2.9-9x with none or per-head ones, at 1k and 16k tokens
+# (Mamba-2's reference does not fit at 16k); ranges over four runs on the shared 2-core
+# machine. TPU / GPU rows: the Pallas kernels, not measured (no accelerator here).
 AUTO = {("cpu", "short"): "xla", ("cpu", "long"): "xla",
         ("gpu", "short"): "pallas_gpu", ("gpu", "long"): "pallas_gpu",
         ("tpu", "short"): "pallas_tpu", ("tpu", "long"): "pallas_tpu"}

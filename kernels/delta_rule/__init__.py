@@ -73,7 +73,7 @@ __all__ = ["delta_rule", "IMPLS", "AUTO"]
 # (kernels.common.shape_class: "short" for T < LONG_FROM = 4096 tokens, else "long"). CPU
 # rows: the winners of `python -m experiments.bench auto --out=results/bench_auto`
 # (results/bench_auto.json; tests/kernels/test_auto.py checks they agree): xla, 3-5.5x faster
-# than the per-token reference at 1k and 16k tokens (three runs). TPU / GPU rows: the Pallas
+# than the per-token reference at 1k and 16k tokens (four runs). TPU / GPU rows: the Pallas
 # kernels, not measured (no accelerator here).
 AUTO = {("cpu", "short"): "xla", ("cpu", "long"): "xla",
         ("gpu", "short"): "pallas_gpu", ("gpu", "long"): "pallas_gpu",

@@ -77,7 +77,7 @@ __all__ = ["diagonal_recurrence", "IMPLS", "AUTO"]
 # rows: the winners of `python -m experiments.bench auto --out=results/bench_auto`
 # (results/bench_auto.json; tests/kernels/test_auto.py checks they agree): the per-token
 # reference, 2-2.6x faster than the chunked xla form (geometric mean of each class; 1.6-3.5x
-# per case, three runs) at 1k and 16k tokens over RG-LRU [B,T,256] and Mamba-1
+# per case, four runs) at 1k and 16k tokens over RG-LRU [B,T,256] and Mamba-1
 # [B,T,512,16|64] shapes and complex S4D ones alike, with a third of its temporaries (the
 # scan is memory-bound; the chunked form makes more passes). TPU / GPU rows: the Pallas
 # kernels, not measured (no accelerator here); complex inputs take xla there (the kernels
