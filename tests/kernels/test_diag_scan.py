@@ -160,7 +160,7 @@ def test_associative_form_matches_reference():
   assert _per_group_rel_err(h_r, h) < 1e-5 and _per_group_rel_err(s_r, s) < 1e-5
 
 
-def test_auto_is_xla_on_cpu_and_defaults():
+def test_auto_with_defaults_matches_the_reference():
   x = _inputs("btdn")
   h, s = diagonal_recurrence(x["log_a"], x["b"])  # no state, no reset
   h_r, s_r = diagonal_recurrence(x["log_a"], x["b"], impl="reference")
