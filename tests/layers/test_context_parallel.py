@@ -1,0 +1,180 @@
+"""Context parallelism (layers/context_parallel.py): the primitives against sequential
+ground truth, and every wired mixer split over ``sequence`` = 2, 4 or 8 of the suite's 8
+CPU devices against the same mixer unsplit: outputs and the gradients w.r.t. the input and
+every parameter, fp32, with packed documents that cross shard boundaries and one that
+starts exactly on one. Compile time dominates: each mixer's unsplit and split forms are
+one program, compiled once at XLA optimisation level 0, and shapes are tiny.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from layers import context_parallel as cp
+
+FAST = {"xla_backend_optimization_level": 0}
+B, T, D = 2, 32, 16
+# Row 0: documents start at 0, 5, 16, 27 (16 is a shard boundary for n = 2, 4, 8; 5..15
+# spans whole shards when n = 8). Row 1: 0, 11, 21 (11..20 crosses 16, and 12 / 20 at n = 8).
+STARTS = ((0, 5, 16, 27), (0, 11, 21))
+TOL = 1e-5
+
+
+def _starts() -> np.ndarray:
+  s = np.zeros((B, T), bool)
+  for row, idx in enumerate(STARTS):
+    s[row, list(idx)] = True
+  return s
+
+
+RESET = jnp.asarray(_starts())
+SEGMENT_IDS = jnp.asarray(np.cumsum(_starts(), axis=1), jnp.int32)
+
+
+def mesh(n: int) -> Mesh:
+  """All 8 devices as (data, sequence) = (8 / n, n): the other axis stays automatic."""
+  devices = np.asarray(jax.devices()).reshape(8 // n, n)
+  return Mesh(devices, ("data", cp.AXIS), axis_types=(AxisType.Auto,) * 2)
+
+
+def run(fn, args, n: int | None):
+  """fn(*args) compiled once at level 0; with n, traced inside the n-way sequence context."""
+  if n is None:
+    return jax.jit(fn).lower(*args).compile(compiler_options=FAST)(*args)
+  m = mesh(n)
+
+  def sharded(*a):
+    with cp.sequence_context(m):
+      return fn(*a)
+  args = jax.device_put(args, NamedSharding(m, P()))
+  return jax.jit(sharded).lower(*args).compile(compiler_options=FAST)(*args)
+
+
+def rel_err(got, ref) -> float:
+  """max |got - ref| / max |ref| over one array."""
+  got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
+  return float(np.max(np.abs(got - ref)) / max(np.max(np.abs(ref)), 1e-30))
+
+
+def worst(got, ref) -> float:
+  return max(rel_err(g, r) for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(ref)))
+
+
+# ----------------------------------------------------------------------------------
+# Primitives
+# ----------------------------------------------------------------------------------
+
+
+def test_sequence_mesh_needs_an_axis_that_divides_the_length():
+  assert cp.sequence_mesh() is None  # no context mesh
+  with cp.sequence_context(mesh(4)):
+    assert cp.sequence_mesh(32) is not None
+    assert cp.sequence_mesh(30) is None  # 4 does not divide 30: the plain path
+  with cp.sequence_context(Mesh(np.asarray(jax.devices()).reshape(8, 1), ("data", cp.AXIS))):
+    assert cp.sequence_mesh(32) is None  # a sequence axis of one device
+
+
+def test_halo_is_the_previous_tokens():
+  n, length = 4, 3
+  x = jnp.arange(1, 2 * n * length + 1, dtype=jnp.int32).reshape(2, n * length)
+  widths = (1, 3, 5, 12)  # within one shard, exactly one, two hops, beyond the sequence
+
+  def body(xl):
+    return tuple(cp.halo(xl, w, fill=-1) for w in widths)
+  fn = jax.shard_map(body, mesh=mesh(n), in_specs=P(None, cp.AXIS),
+                     out_specs=tuple(P(None, cp.AXIS) for _ in widths),
+                     axis_names=frozenset({cp.AXIS}))
+  got = run(fn, (x,), None)
+  xn = np.asarray(x)
+  for w, h in zip(widths, got):
+    h = np.asarray(h).reshape(2, n, w)
+    for r in range(n):
+      idx = np.arange(r * length - w, r * length)
+      want = np.where(idx >= 0, xn[:, np.maximum(idx, 0)], -1)
+      np.testing.assert_array_equal(h[:, r], want, err_msg=f"width {w}, shard {r}")
+
+
+def test_exclusive_affine_prefix_matches_a_sequential_hand_off():
+  n = 4
+  keys = jax.random.split(jax.random.key(0), 5)
+  b = jax.random.normal(keys[0], (n, 2, 3, 4, 5))  # per shard: [B, H, Dk, Dv]
+  log_head = -jax.nn.softplus(jax.random.normal(keys[1], (n, 2, 3)))
+  log_head = log_head.at[2, 0, 1].set(-jnp.inf)  # a reset inside shard 2 (row 0, head 1)
+  log_chan = -jax.nn.softplus(jax.random.normal(keys[2], (n, 2, 3, 4)))
+  dense = 0.5 * jax.random.normal(keys[3], (n, 2, 3, 4, 4))
+  s0 = jax.random.normal(keys[4], (2, 3, 4, 5))
+
+  def body(b, lh, lc, a):
+    outs = (cp.exclusive_affine_prefix(lh[0], b[0], initial=s0),
+            cp.exclusive_affine_prefix(lc[0], b[0]),
+            cp.exclusive_affine_prefix(a[0], b[0], dense=True, initial=s0))
+    return tuple((s_in[None], s_tot[None]) for s_in, s_tot in outs)
+  spec = P(cp.AXIS)
+  fn = jax.shard_map(body, mesh=mesh(n), in_specs=(spec,) * 4, out_specs=spec,
+                     axis_names=frozenset({cp.AXIS}))
+  got = run(fn, (b, log_head, log_chan, dense), None)
+
+  def sequential(apply, s):
+    ins = []
+    for r in range(n):
+      ins.append(s)
+      s = apply(r, s) + b[r]
+    return jnp.stack(ins), s
+  want = (
+      sequential(lambda r, s: jnp.exp(log_head[r])[..., None, None] * s, s0),
+      sequential(lambda r, s: jnp.exp(log_chan[r])[..., None] * s, jnp.zeros_like(s0)),
+      sequential(lambda r, s: jnp.einsum("bhij,bhjk->bhik", dense[r], s), s0),
+  )
+  for (g_in, g_tot), (w_in, w_tot) in zip(got, want):
+    assert rel_err(g_in, w_in) < TOL
+    for r in range(n):  # the total is the same on every shard
+      assert rel_err(g_tot[r], w_tot) < TOL
+
+
+def _recurrence_inputs():
+  keys = jax.random.split(jax.random.key(1), 5)
+  h, g, dk, dv = 4, 2, 8, 6  # grouped q / k: head h reads group h // 2
+  return (jax.random.normal(keys[0], (B, T, g, dk)), jax.random.normal(keys[1], (B, T, g, dk)),
+          jax.random.normal(keys[2], (B, T, h, dv)),
+          -jax.nn.softplus(jax.random.normal(keys[3], (B, T, h, dk))),  # per key channel
+          jax.random.normal(keys[4], (B, h, dk, dv)))
+
+
+def _recurrence_loss(q, k, v, g, s0):
+  """The TPU Pallas kernel (interpreted) inside the shard_map: its custom VJP and its
+  untyped outputs (no varying-axes annotation; see context_parallel.linear_recurrence)."""
+  o, sf = cp.linear_recurrence(q, k, v, g, initial_state=s0, reset=RESET, chunk_size=16,
+                               impl="pallas_tpu", interpret=True)
+  return jnp.sum(o * jnp.cos(o)) + jnp.sum(sf * sf), (o, sf)
+
+
+_recurrence_grad = jax.value_and_grad(_recurrence_loss, argnums=(0, 1, 2, 3, 4), has_aux=True)
+
+
+@pytest.fixture(scope="module")
+def recurrence_ref():
+  args = _recurrence_inputs()
+  return args, run(_recurrence_grad, args, None)
+
+
+def test_linear_recurrence_with_initial_state_matches_the_kernel(recurrence_ref):
+  """Grouped q / k, per-channel decays, an initial state and resets: outputs, final state
+  and all gradients (the initial state's too) equal the single-device kernel."""
+  args, ref = recurrence_ref
+  got = run(_recurrence_grad, args, 2)
+  assert worst(got, ref) < TOL
+
+
+def test_dropping_the_incoming_state_breaks_equality(recurrence_ref, monkeypatch):
+  """The hand-off matters: without S_in the results move."""
+  args, ref = recurrence_ref
+  prefix = cp.exclusive_affine_prefix
+  monkeypatch.setattr(cp, "exclusive_affine_prefix",
+                      lambda a, b, axis, **kw: (0 * prefix(a, b, axis, **kw)[0],
+                                                prefix(a, b, axis, **kw)[1]))
+  got = run(_recurrence_grad, args, 2)
+  assert rel_err(got[0][1][0], ref[0][1][0]) > 1e-2  # outputs: far beyond TOL
