@@ -7,7 +7,7 @@ References (the math only; the code is lcm's own):
     Multi-Head Checkpoints" (grouped-query attention).
   * Beltagy et al. 2020, "Longformer" (sliding-window attention).
 
-The mixer contract (see DESIGN.md):
+The mixer contract (see docs/design.md):
   * ``y = attn(x, segment_ids)``: training / prefill. Mask = causal AND same document AND
     (``0 <= q_pos - k_pos < window`` when ``window`` is set). RoPE positions restart at 0 at
     every document start, so a document packed into a row gives the same output as run alone.
@@ -17,6 +17,9 @@ The mixer contract (see DESIGN.md):
     (T padded up to a multiple of ``block_size``, outputs sliced back): O(T * window) time
     and memory. The kernel has no document mask, so packed documents keep the dense masked
     path (exact, O(T^2)); see :meth:`Attention.uses_block_sparse`.
+  * Context parallelism: with a ``sequence`` mesh in context (``layers.context_parallel``)
+    each shard attends with its own queries to all-gathered keys and values (full
+    attention) or to a halo of ``window - 1`` previous keys (sliding window), dense masked.
   * ``state = attn.init_state(batch, dtype, max_len=...)``: an empty KV cache.
   * ``y, state = attn.step(x, state)``: ``t >= 1`` new tokens of one document per row.
 
@@ -45,6 +48,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kernels.block_sparse import block_sparse_attention, sliding_window_blocks
+from layers import context_parallel
 from layers.common import ConfigError, Linear, check, dense_init, param, segment_positions
 from layers.common import is_int
 
@@ -231,6 +235,9 @@ class Attention(nnx.Module):
     b, t, _ = x.shape
     pos = segment_positions(segment_ids, b, t)
     q, k, v = self._qkv(x, pos)
+    if context_parallel.sequence_mesh(t) is not None:  # T split over the `sequence` axis
+      return self._project(context_parallel.attention(
+          q, k, v, segment_ids, window=self.cfg.window, attend=self._attend_heads))
     if self.uses_block_sparse(t, segment_ids):
       return self._project(self._window_heads(q, k, v))
     i = jnp.arange(t)

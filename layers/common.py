@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from layers import context_parallel
+
 Initializer = Callable[..., jax.Array]
 
 
@@ -228,6 +230,22 @@ def _uniform_init(bound: float) -> Initializer:
   return init
 
 
+def _conv_window(xp: jax.Array, sp: jax.Array | None, segment_ids: jax.Array | None,
+                 w: jax.Array, b: jax.Array | None) -> jax.Array:
+  """Causal depthwise taps ``w [K, C]`` over ``xp [B, T + K - 1, C]`` (K-1 history tokens
+  first) -> [B, T, C]; with segment ids (``sp`` those of ``xp``), tap i (lag K-1-i) only
+  sees tokens of the same document."""
+  k = w.shape[0]
+  t = xp.shape[1] - (k - 1)
+  y = 0
+  for i in range(k):
+    tap = xp[:, i:i + t]
+    if segment_ids is not None:
+      tap = jnp.where((sp[:, i:i + t] == segment_ids)[..., None], tap, 0)
+    y = y + tap * w[i]
+  return y if b is None else y + b
+
+
 class ShortConv(nnx.Module):
   """Causal depthwise 1-D convolution of width ``kernel_size`` over time (Mamba's conv1d,
   the short convolutions of DeltaNet / Based / GLA layers).
@@ -252,31 +270,17 @@ class ShortConv(nnx.Module):
 
   def _taps(self, window: jax.Array) -> jax.Array:
     """window: [B, T + K - 1, C] (K-1 history tokens first) -> [B, T, C]."""
-    k = self.kernel_size
-    t = window.shape[1] - (k - 1)
-    w = self.kernel[...].astype(self.dtype)
-    y = sum(window[:, i:i + t] * w[i] for i in range(k))
-    if self.bias is not None:
-      y = y + self.bias[...].astype(self.dtype)
-    return y
+    b = None if self.bias is None else self.bias[...].astype(self.dtype)
+    return _conv_window(window, None, None, self.kernel[...].astype(self.dtype), b)
 
   def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
-    k = self.kernel_size
-    x = x.astype(self.dtype)
-    b, t, c = x.shape
-    if segment_ids is None:
-      return self._taps(jnp.pad(x, ((0, 0), (k - 1, 0), (0, 0))))
-    # Tap i (lag k-1-i) only sees tokens of the same document.
-    xp = jnp.pad(x, ((0, 0), (k - 1, 0), (0, 0)))
-    sp = jnp.pad(segment_ids, ((0, 0), (k - 1, 0)), constant_values=-1)
+    """x: [B, T, C]. The K-1 tokens before each one come from zero padding, or, with a
+    ``sequence`` mesh in context, as a halo from the previous shard
+    (``layers.context_parallel.with_history``)."""
     w = self.kernel[...].astype(self.dtype)
-    y = 0
-    for i in range(k):
-      same = (sp[:, i:i + t] == segment_ids)[..., None]
-      y = y + jnp.where(same, xp[:, i:i + t], 0) * w[i]
-    if self.bias is not None:
-      y = y + self.bias[...].astype(self.dtype)
-    return y
+    b = None if self.bias is None else self.bias[...].astype(self.dtype)
+    return context_parallel.with_history(_conv_window, x.astype(self.dtype), segment_ids,
+                                         self.kernel_size - 1, w, b)
 
   def init_state(self, batch: int, dtype=jnp.float32) -> jax.Array:
     return jnp.zeros((batch, self.kernel_size - 1, self.channels), dtype)

@@ -10,7 +10,7 @@ References (the math and the initialisations; the code is lcm's own):
     Through Structured State Space Duality" (Mamba2 / SSD; ``mamba2_simple.py``,
     ``ssd_minimal.py``).
 
-Every layer follows the mixer contract (DESIGN.md, see ``layers/attention.py``):
+Every layer follows the mixer contract (docs/design.md, see ``layers/attention.py``):
 ``y = m(x, segment_ids)``, ``state = m.init_state(batch, dtype)``, ``y, state = m.step(x,
 state)``, ``m.state_size(batch)``. Packed documents: the short convolutions get the
 ``segment_ids`` (no tap reaches into the previous document) and the scans get
@@ -20,8 +20,7 @@ crosses a document boundary.
 Scans: S4D and Mamba run through ``kernels.diag_scan.diagonal_recurrence`` (element-wise
 ``h_t = exp(log_a_t) h_{t-1} + b_t``), Mamba2 through ``kernels.chunked_scan.linear_recurrence``
 (``S_t = exp(g_t) S_{t-1} + k_t v_t^T``, ``o_t = S_t^T q_t``). ``impl`` (config field) picks the
-kernel implementation; ``"auto"`` is the XLA chunked form on CPU and Pallas on TPU / GPU
-(complex S4D always uses the XLA form).
+kernel: ``"auto"`` is the XLA chunked form on CPU, Pallas on TPU / GPU (complex S4D: XLA).
 
 Optimizer tags (``optim_tag``, read by ``lcm.train``): ``"ssm"`` (lr capped, no weight
 decay) on S4D ``log_dt``, ``log_A_real``, ``A_imag`` and on Mamba / Mamba2 ``A_log``, ``D``,
@@ -42,8 +41,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kernels.chunked_scan import linear_recurrence
 from kernels.diag_scan import diagonal_recurrence
+from layers import context_parallel
 from layers.common import (ConfigError, GatedRMSNorm, Linear, ShortConv, check, ones_init,
                            param)
 from layers.common import check_pos_int, is_num
@@ -494,10 +493,11 @@ class Mamba2(nnx.Module):
       y = S_t^T C_t + D x;  out = out_proj(rmsnorm(y * silu(z)))   (norm_before_gate=False)
 
   SSD runs as ``linear_recurrence(q=C, k=B, v=x*dt, log_decay=dt*A)`` with B/C passed as
-  their G groups (the kernel's grouped q/k: ``C B^T`` is computed once per group). The in-projection is three Linears (z|x, B|C, dt) and the
-  convolution two ShortConvs (x; B|C): mathematically one projection / one depthwise conv
-  (the ``[z, x, B, C, dt]`` split of mamba2_simple.py), split so that each kernel has one
-  logical channel axis ("mlp", "state", "heads") to shard. The gated RMSNorm normalises over
+  their G groups (``C B^T`` once per group), split over a ``sequence`` mesh axis in context
+  (``layers.context_parallel``, as the convolutions). The in-projection is three Linears
+  (z|x, B|C, dt), the convolution two ShortConvs (x; B|C): one projection / depthwise conv
+  (mamba2_simple.py's ``[z, x, B, C, dt]``) split so that each kernel has one logical
+  channel axis ("mlp", "state", "heads") to shard. The gated RMSNorm normalises over
   all of d_inner, as Mamba2Simple (the full Mamba2 module normalises per group of
   d_inner / G when G > 1).
 
@@ -553,7 +553,7 @@ class Mamba2(nnx.Module):
                          + self.dt_bias[...].astype(jnp.float32))  # [B, T, H]
     a = -jnp.exp(self.A_log[...].astype(jnp.float32))  # [H]
     xh = x.reshape(bsz, t, h, p).astype(jnp.float32)
-    o, s_final = linear_recurrence(
+    o, s_final = context_parallel.linear_recurrence(
         c.astype(jnp.float32), b.astype(jnp.float32), xh * dt[..., None],
         log_decay=dt * a, initial_state=initial_state, reset=reset,
         chunk_size=cfg.chunk_size, impl=cfg.impl)

@@ -2,7 +2,8 @@
 
 The mixers are built on two scan kernels: ``kernels.chunked_scan.linear_recurrence``
 (``S_t = diag(a_t) S_{t-1} + k_t v_t^T``, ``o_t = S_t^T q_t``; linear attention, RetNet, GLA,
-Based, JRT, called through :meth:`Mixer._scan`) and ``kernels.delta_rule.delta_rule``
+Based, JRT, called through :meth:`Mixer._scan`, which splits it over a ``sequence`` mesh
+axis in context: ``layers.context_parallel``) and ``kernels.delta_rule.delta_rule``
 (DeltaNet, Gated DeltaNet). Neither scales q implicitly: where fla's kernels apply their
 default ``scale = Dk^-0.5`` (RetNet, GLA, DeltaNet, Gated DeltaNet) the layer multiplies q by
 ``Dk^-0.5`` itself.
@@ -21,7 +22,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kernels.chunked_scan import IMPLS, linear_recurrence
+from kernels.chunked_scan import IMPLS
+from layers import context_parallel
 from layers import feature_maps as fm
 from layers.common import ShortConv, check, dense_init, param
 from layers.common import check_bool, check_pos_int, check_positive, is_num
@@ -100,9 +102,11 @@ class Mixer(nnx.Module):
     return jnp.einsum("bthd,hde->bte", o.astype(self.dtype), self.out[...].astype(self.dtype))
 
   def _scan(self, q, k, v, log_decay, s0, reset):
+    """The kernel, split over the ``sequence`` axis when the context mesh has one."""
     s0 = None if s0 is None else s0.astype(jnp.float32)
-    return linear_recurrence(q, k, v, log_decay, initial_state=s0, reset=reset,
-                             chunk_size=self.cfg.chunk_size, impl=self.cfg.impl)
+    return context_parallel.linear_recurrence(
+        q, k, v, log_decay, initial_state=s0, reset=reset, chunk_size=self.cfg.chunk_size,
+        impl=self.cfg.impl)
 
 
 class QKVConv(nnx.Module):

@@ -8,13 +8,17 @@ one program, compiled once at XLA optimisation level 0, and shapes are tiny.
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from layers import context_parallel as cp
+from lcm import registry
 
 FAST = {"xla_backend_optimization_level": 0}
 B, T, D = 2, 32, 16
@@ -169,8 +173,8 @@ def test_linear_recurrence_with_initial_state_matches_the_kernel(recurrence_ref)
   assert worst(got, ref) < TOL
 
 
-def test_dropping_the_incoming_state_breaks_equality(recurrence_ref, monkeypatch):
-  """The hand-off matters: without S_in the results move."""
+def test_dropping_the_incoming_state_or_the_halo_breaks_equality(recurrence_ref, monkeypatch):
+  """The hand-offs matter: without S_in (or with an empty halo) the results move."""
   args, ref = recurrence_ref
   prefix = cp.exclusive_affine_prefix
   monkeypatch.setattr(cp, "exclusive_affine_prefix",
@@ -178,3 +182,81 @@ def test_dropping_the_incoming_state_breaks_equality(recurrence_ref, monkeypatch
                                                 prefix(a, b, axis, **kw)[1]))
   got = run(_recurrence_grad, args, 2)
   assert rel_err(got[0][1][0], ref[0][1][0]) > 1e-2  # outputs: far beyond TOL
+  monkeypatch.undo()
+  conv = registry.create("gla", d_model=D, rngs=nnx.Rngs(0), num_heads=2, chunk_size=4,
+                         use_short_conv=True, gate_low_rank_dim=4).conv.q
+  x = jax.random.normal(jax.random.key(2), (B, T, conv.channels))
+  conv_fn = lambda x: conv(x, SEGMENT_IDS)
+  conv_ref = run(conv_fn, (x,), None)  # (split == unsplit: the gla mixer test)
+  monkeypatch.setattr(cp, "halo", lambda xl, w, *a, fill=0, **kw: jnp.full(
+      xl.shape[:1] + (w,) + xl.shape[2:], fill, xl.dtype))
+  assert rel_err(run(conv_fn, (x,), 4), conv_ref) > 1e-2
+
+
+# ----------------------------------------------------------------------------------
+# Mixers: split == unsplit, outputs and every gradient
+# ----------------------------------------------------------------------------------
+
+MIXERS = {
+    "attention": {"num_heads": 2, "num_kv_heads": 1},
+    # window 6: a one-shard halo at n = 2 and 4, two hops at n = 8; block_size 4 puts the
+    # unsplit call on the block-sparse kernel without segment ids.
+    "swa": {"num_heads": 2, "window": 6, "block_size": 4},
+    "mamba2": {"d_state": 8, "head_dim": 8, "chunk_size": 4, "ngroups": 2, "impl": "xla"},
+    "linear_attention": {"num_heads": 2, "chunk_size": 4},
+    "retnet": {"num_heads": 2, "chunk_size": 4},
+    "gla": {"num_heads": 2, "chunk_size": 4, "use_short_conv": True, "gate_low_rank_dim": 4},
+    "based": {"num_heads": 2, "chunk_size": 4, "feature_dim": 4, "window": 6,
+              "window_heads": 2},
+    "jrt": {"num_heads": 2, "chunk_size": 4, "feature_dim": 4, "prefix_len": 6},
+}
+# Every mixer is checked at sequence = 8 (multi-hop halos, documents spanning whole
+# shards) and at one of 2 / 4, alternating so that each mechanism (all-gather, window and
+# convolution halos, no / per-head / per-channel decays) meets both; LCM_CP_ALL_SIZES=1
+# checks every mixer at 2, 4 and 8 (about 3x the compile time of this file's mixer tests).
+ALL_SIZES = os.environ.get("LCM_CP_ALL_SIZES") == "1"
+SMALL_SIZE = {"attention": 2, "swa": 4, "mamba2": 2, "linear_attention": 4, "retnet": 2,
+              "gla": 4, "based": 2, "jrt": 4}
+
+
+def _fwd_bwd(graphdef, ct):
+  def fn(params, x, segment_ids):
+    def loss(p, x):
+      y = nnx.merge(graphdef, p)(x, segment_ids=segment_ids)
+      return jnp.sum(y * ct), y
+    (_, y), (gp, gx) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, x)
+    return y, gx, gp
+  return fn
+
+
+@pytest.mark.parametrize("name", list(MIXERS))
+def test_mixer_split_over_sequence_equals_unsplit(name):
+  mixer = registry.create(name, d_model=D, rngs=nnx.Rngs(0), **MIXERS[name])
+  graphdef, params = nnx.split(mixer)
+  x = jax.random.normal(jax.random.key(3), (B, T, D))
+  ct = jax.random.normal(jax.random.key(4), (B, T, D))
+  fn = _fwd_bwd(graphdef, ct)
+  # Packed documents everywhere; swa also unpacked (the unsplit call's block-sparse path).
+  sizes = (2, 4, 8) if ALL_SIZES else (SMALL_SIZE[name], 8)
+  cases = [(True, n) for n in sizes] + ([(False, 4)] if name == "swa" else [])
+  meshes = {n: mesh(n) for _, n in cases}
+
+  def all_cases(params, x, segment_ids):
+    """The unsplit mixer and every split one, in one program (one compile)."""
+    out = {}
+    for packed in {p for p, _ in cases}:
+      out[packed, 0] = fn(params, x, segment_ids if packed else None)
+    for packed, n in cases:
+      with cp.sequence_context(meshes[n]):
+        out[packed, n] = fn(params, x, segment_ids if packed else None)
+    return out
+  args = jax.device_put((params, x, SEGMENT_IDS), NamedSharding(meshes[cases[0][1]], P()))
+  out = jax.jit(all_cases).lower(*args).compile(compiler_options=FAST)(*args)
+  for packed, n in cases:
+    got, ref = out[packed, n], out[packed, 0]
+    errs = {"y": rel_err(got[0], ref[0]), "dx": rel_err(got[1], ref[1]),
+            "dparams": worst(got[2], ref[2])}
+    assert len(jax.tree.leaves(got[2])) == len(jax.tree.leaves(params))
+    print(f"{name} sequence={n} packed={packed}: "
+          + ", ".join(f"{k} {v:.1e}" for k, v in errs.items()))
+    assert max(errs.values()) < TOL, (name, n, packed, errs)
