@@ -85,6 +85,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.data = -1  # -1: all devices not used by the other axes
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
+  # Context parallelism: each row's T tokens split over this many devices (the ``sequence``
+  # mesh axis; layers/context_parallel.py). 1 = off.
+  c.mesh.sequence = 1
   return c
 
 
@@ -157,10 +160,16 @@ def pattern_names(model_cfg) -> list[str]:
 
 def mesh_shape(mesh_cfg, num_devices: int) -> dict[str, int]:
   """Resolves -1 axes; raises ConfigError when the mesh does not match the devices."""
-  axes = {"data": mesh_cfg.data, "fsdp": mesh_cfg.fsdp, "tensor": mesh_cfg.tensor}
+  axes = {"data": mesh_cfg.data, "fsdp": mesh_cfg.fsdp, "tensor": mesh_cfg.tensor,
+          "sequence": mesh_cfg.get("sequence", 1)}
   unknown = [k for k, v in axes.items() if v == -1]
   if len(unknown) > 1:
     raise ConfigError(f"mesh.{unknown[1]}", "at most one mesh axis may be -1")
+  others = math.prod(v for k, v in axes.items() if v != -1 and k != "sequence")
+  if 1 < axes["sequence"] and others <= num_devices < others * axes["sequence"]:
+    raise ConfigError("mesh.sequence", f"must be <= the {num_devices // others} devices left "
+                      f"by the other mesh axes ({others} of {num_devices}; got "
+                      f"{axes['sequence']})")
   fixed = math.prod(v for v in axes.values() if v != -1)
   if unknown:
     if num_devices % fixed:
@@ -168,7 +177,8 @@ def mesh_shape(mesh_cfg, num_devices: int) -> dict[str, int]:
                         f"{num_devices} devices are not divisible by the other axes ({fixed})")
     axes[unknown[0]] = num_devices // fixed
   elif fixed > num_devices:
-    raise ConfigError("mesh", f"data*fsdp*tensor = {fixed} > {num_devices} available devices")
+    raise ConfigError("mesh", f"data*fsdp*tensor*sequence = {fixed} > {num_devices} "
+                      "available devices")
   return axes
 
 
@@ -374,6 +384,10 @@ def validate(c: ml_collections.ConfigDict, *, num_devices: int | None = None) ->
   # mesh
   for axis in ("data", "fsdp", "tensor"):
     _int(c, f"mesh.{axis}", min_value=1, allow=(-1,))
+  sequence = _int(c, "mesh.sequence", min_value=1)
+  if c.data.seq_len % sequence:
+    raise ConfigError("data.seq_len", f"must be divisible by mesh.sequence={sequence} (got "
+                      f"{c.data.seq_len})")
   if num_devices is not None:
     shape = mesh_shape(c.mesh, num_devices)
     batch_shards = shape["data"] * shape["fsdp"]

@@ -2,12 +2,19 @@
 
 Parameters carry logical axis names (``out_sharding`` metadata set by
 ``layers.common.param``); :data:`LOGICAL_RULES` maps them to the mesh axes
-``data``, ``fsdp``, ``tensor``. A logical axis whose mesh axes do not divide the
-dimension is replicated instead (so tiny test models still run on big meshes).
+``data``, ``fsdp``, ``tensor``, ``sequence``. A logical axis whose mesh axes do not divide
+the dimension is replicated instead (so tiny test models still run on big meshes).
+
+``sequence`` (``mesh.sequence``, default 1) is context parallelism: the T axis of the
+batch (logical ``seq``) is split over it, and the trainer traces the model inside
+:func:`sequence_context`, from which the mixers learn the mesh
+(``layers/context_parallel.py``). It is the innermost axis (neighbouring devices exchange
+halos and states), so with ``mesh.sequence = 1`` devices map to the other axes as before.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from typing import Any
@@ -17,9 +24,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from layers import context_parallel
 from lcm import config as config_lib
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "tensor", context_parallel.AXIS)
 
 # logical axis -> mesh axis (or tuple of mesh axes, or None = replicated).
 LOGICAL_RULES: dict[str, Any] = {
@@ -32,7 +40,7 @@ LOGICAL_RULES: dict[str, Any] = {
     "head_dim": None,
     "state": None,
     "conv": None,
-    "seq": None,
+    "seq": context_parallel.AXIS,  # activations' T axis: context parallelism
     "layers": None,
 }
 
@@ -59,7 +67,8 @@ def maybe_initialize_distributed() -> bool:
 
 
 def make_mesh(mesh_cfg, devices=None) -> Mesh:
-  """A (data, fsdp, tensor) mesh with Auto axis types over ``devices`` (default: all)."""
+  """A (data, fsdp, tensor, sequence) mesh with Auto axis types over ``devices``
+  (default: all)."""
   devices = list(jax.devices() if devices is None else devices)
   shape = config_lib.mesh_shape(mesh_cfg, len(devices))
   n = math.prod(shape.values())
@@ -102,7 +111,17 @@ def state_shardings(state, mesh: Mesh):
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P(("data", "fsdp")))
+  """[B, T] batches: B over data x fsdp, T over sequence (when that axis is > 1)."""
+  seq = LOGICAL_RULES["seq"] if mesh.shape[context_parallel.AXIS] > 1 else None
+  return NamedSharding(mesh, P(("data", "fsdp"), seq) if seq else P(("data", "fsdp")))
+
+
+def sequence_context(mesh: Mesh):
+  """The context the model is traced in: with a ``sequence`` axis > 1, the mesh the mixers
+  read (``layers.context_parallel.sequence_context``); else nothing."""
+  if mesh.shape[context_parallel.AXIS] > 1:
+    return context_parallel.sequence_context(mesh)
+  return contextlib.nullcontext()
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -197,9 +197,13 @@ class Trainer:
     # with weight train.aux_loss_weight; the logged "loss" stays the LM loss.
     has_aux, aux_weight = abstract.has_aux_loss, float(config.train.aux_loss_weight)
 
+    mesh = self.mesh
+
     def apply(params, batch, return_aux=False):
       model = nnx.merge(graphdef, params)
-      return model(batch["inputs"], batch.get("segment_ids"), return_aux=return_aux)
+      # mesh.sequence > 1: the mixers split T over the mesh's `sequence` axis.
+      with sharding_lib.sequence_context(mesh):
+        return model(batch["inputs"], batch.get("segment_ids"), return_aux=return_aux)
 
     def train_step(params, opt_state, batch):
       def loss_fn(p):

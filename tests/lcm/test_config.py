@@ -60,6 +60,9 @@ INVALID = [
     ("eval.seed", 0, "eval.seed"),  # equals the training seed: not held out
     ("mesh.tensor", 0, "mesh.tensor"),
     ("mesh.data", -2, "mesh.data"),
+    ("mesh.sequence", 0, "mesh.sequence"),
+    ("mesh.sequence", -1, "mesh.sequence"),  # -1 (the remaining devices) is for data / fsdp
+    ("mesh.sequence", 3, "data.seq_len"),  # 3 does not divide seq_len 64
     ("seed", -1, "seed"),
 ]
 

@@ -63,7 +63,7 @@ def test_sharded_losses_match_single_device(sharded):
 
 def test_parameters_and_optimizer_state_are_sharded_by_the_rules(sharded):
   t, _, params, opt = sharded
-  assert dict(t.mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+  assert dict(t.mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2, "sequence": 1}
   blocks = params["groups"]["blocks"]
   attn, mlp = blocks[0]["mixer"], blocks[0]["mlp"]
   expected = {
