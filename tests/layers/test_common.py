@@ -64,7 +64,7 @@ def test_dense_values_and_gradients_equal_autodiff_of_tensordot():
   # out wider than d_in (x^T dy) and narrower (dy^T x, transposed back)
   for w in (jax.random.normal(ks[1], (6, 3, 4)), jax.random.normal(ks[1], (6, 2))):
     c = jax.random.normal(ks[2], (2, 5) + w.shape[1:])
-    np.testing.assert_allclose(dense(x, w), plain(x, w), rtol=1e-6)
+    np.testing.assert_allclose(dense(x, w), plain(x, w), rtol=1e-6, atol=1e-6)
     got = jax.grad(lambda x, w: jnp.sum(jnp.sin(dense(x, w)) * c), argnums=(0, 1))(x, w)
     want = jax.grad(lambda x, w: jnp.sum(jnp.sin(plain(x, w)) * c), argnums=(0, 1))(x, w)
     for a, b in zip(got, want):
@@ -80,4 +80,4 @@ def test_linear_parts_equal_slices_of_the_full_output():
   full, parts = lin(x), lin.parts(x)
   assert len(parts) == 3
   for i, p in enumerate(parts):
-    np.testing.assert_allclose(p, full[:, :, i], rtol=1e-6)
+    np.testing.assert_allclose(p, full[:, :, i], rtol=1e-6, atol=1e-6)  # near-zero entries
