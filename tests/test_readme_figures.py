@@ -126,3 +126,26 @@ def test_every_figure_in_the_results_table_is_in_its_results_files(row):
       missing.append(f"{figure}{unit or ''}")
   assert not missing, (f"{experiment[:60]}: figures not found in "
                        f"{[f.relative_to(ROOT).as_posix() for f in files]}: {missing}")
+
+
+# Thresholds the README states (not measurements): allowed anywhere.
+STATED = {"2e-6", "5e-6"}
+
+
+def test_every_figure_anywhere_in_the_readme_is_in_some_results_file():
+  """A weaker check over the whole README (prose, other tables; code blocks excluded): each
+  measured figure must be in some results file."""
+  files = [p for p in (ROOT / "results").rglob("*") if p.suffix in {".json", ".md", ".csv"}]
+  values = set().union(*(_numbers(f) for f in files))
+  text = re.sub(r"```.*?```", "", (ROOT / "README.md").read_text(), flags=re.S)
+  missing = []
+  for i, line in enumerate(text.splitlines(), 1):
+    for m in FIGURE.finditer(line):
+      figure, unit = m.group(1), m.group(2)
+      if unit is None and m.group(0).rstrip().endswith("%"):
+        unit = "%"
+      if ("." not in figure and "e" not in figure and unit is None) or figure in STATED:
+        continue
+      if not _matches(figure, unit, values):
+        missing.append(f"line {i}: {figure}{unit or ''}")
+  assert not missing, missing
