@@ -83,8 +83,8 @@ def _text_files():
 
 
 def test_no_reference_points_outside_the_repository():
-  """DESIGN.md and NOTES.md moved into docs/ (design.md, CHANGELOG.md); ../shared is not
-  part of a clone."""
+  """The design page and the session notes moved into docs/ (design.md, CHANGELOG.md); the
+  team folder beside the repository is not part of a clone."""
   pattern = re.compile(r"\.\./shared|(?<![\w/])DESIGN\.md|(?<![\w/])NOTES\.md")
   found = [f"{_rel(p)}:{i}: {line.strip()[:100]}"
            for p in _text_files() if p != pathlib.Path(__file__).resolve()
