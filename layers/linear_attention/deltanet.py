@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from layers import context_parallel
 from layers.common import GatedRMSNorm, Linear, RMSNorm, check, param
 from layers.common import check_bool, check_d_model, check_pos_int, check_positive, is_num
 from layers.common import a_log_init, dt_bias_init, l2norm
@@ -148,7 +149,6 @@ class DeltaNet(MatrixStateMixer):
     return beta * 2.0 if self.cfg.allow_neg_eigval else beta
 
   def _core(self, x, segment_ids, reset, state):
-    from kernels.delta_rule import delta_rule  # pylint: disable=g-import-not-at-top
     q, k, v = self.q(x), self.k(x), self.v(x)
     conv_state = None
     if self.conv is not None:
@@ -158,9 +158,9 @@ class DeltaNet(MatrixStateMixer):
     q = l2norm(q) * jnp.asarray(self.head_dim ** -0.5, q.dtype)
     k = l2norm(k)
     s0 = None if state is None else state["S"].astype(jnp.float32)
-    o, sf = delta_rule(q, k, v, self.beta(x).astype(q.dtype), self.log_decay(x),
-                       initial_state=s0, reset=reset, chunk_size=self.cfg.chunk_size,
-                       impl=self.cfg.impl)
+    o, sf = context_parallel.delta_rule(q, k, v, self.beta(x).astype(q.dtype),
+                                        self.log_decay(x), initial_state=s0, reset=reset,
+                                        chunk_size=self.cfg.chunk_size, impl=self.cfg.impl)
     o = self.norm(o, self.g(x)) if self.g is not None else self.norm(o)
     return self._project_out(o), sf, conv_state
 

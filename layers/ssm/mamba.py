@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kernels.diag_scan import diagonal_recurrence
+from layers import context_parallel
 from layers.common import (Linear, ShortConv, check, check_pos_int, doc_starts, dt_bias_init,
                            is_num, ones_init, param)
 from layers.ssm.common import check_dt_range, check_impl, check_x, const_init, uniform_init
@@ -130,8 +130,9 @@ class Mamba(nnx.Module):
     x32 = x.astype(jnp.float32)
     log_a = dt[..., None] * a
     inp = (dt * x32)[..., None] * b.astype(jnp.float32)[:, :, None, :]
-    h, h_final = diagonal_recurrence(log_a, inp, initial_state=initial_state, reset=reset,
-                                     chunk_size=self.cfg.chunk_size, impl=self.cfg.impl)
+    h, h_final = context_parallel.diagonal_recurrence(
+        log_a, inp, initial_state=initial_state, reset=reset, chunk_size=self.cfg.chunk_size,
+        impl=self.cfg.impl)
     y = jnp.einsum("btdn,btn->btd", h, c.astype(jnp.float32))
     y = y + self.D[...].astype(jnp.float32) * x32
     y = (y * jax.nn.silu(z.astype(jnp.float32))).astype(self.dtype)

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kernels.common import PALLAS_IMPLS
-from kernels.diag_scan import diagonal_recurrence
+from layers import context_parallel
 from layers.common import ConfigError, Linear, check, check_pos_int, doc_starts, param
 from layers.ssm.common import check_dt_range, check_impl, check_x, const_init, uniform_init
 
@@ -96,7 +96,10 @@ class S4D(nnx.Module):
   then GELU and a position-wise ``Linear(d, 2d)`` + GLU (as s4d.py's output_linear).
 
   Parallel form: the causal convolution with the materialised kernel by FFT (length 2T, so
-  the circular convolution is the linear one). The FFT convolution cannot respect document
+  the circular convolution is the linear one). Over a ``sequence`` mesh axis (context
+  parallelism) the layer runs the recurrence split over the shards instead
+  (``layers.context_parallel.diagonal_recurrence``; the FFT would need the whole sequence).
+  The FFT convolution cannot respect document
   boundaries, so with ``segment_ids`` the layer runs the recurrence through
   ``diagonal_recurrence`` with ``reset`` at document starts (O(T N) work, exact isolation).
   ``step`` always runs the recurrence. Decode state: ``{"ssm": [B, H, N/2, 2]}``, the complex
@@ -158,8 +161,9 @@ class S4D(nnx.Module):
     """The recurrence: u [B, T, H] -> (y [B, T, H] fp32, final state complex [B, H, N/2])."""
     dta, b_bar, c = self.discretize()
     b = b_bar[None, None] * u.astype(jnp.float32)[..., None]  # [B, T, H, N/2] complex
-    s, s_final = diagonal_recurrence(dta, b, initial_state=initial_state, reset=reset,
-                                     chunk_size=self.cfg.chunk_size, impl=self.cfg.impl)
+    s, s_final = context_parallel.diagonal_recurrence(
+        dta, b, initial_state=initial_state, reset=reset, chunk_size=self.cfg.chunk_size,
+        impl=self.cfg.impl)
     y = 2.0 * jnp.einsum("bthn,hn->bth", s, c).real
     return y, s_final
 
@@ -173,7 +177,8 @@ class S4D(nnx.Module):
   def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
     """x: [B, T, D]; segment_ids: [B, T] int or None -> [B, T, D]."""
     check_x(x, self.d_model, "S4D")
-    if segment_ids is None and self.cfg.parallel == "fft":
+    if (segment_ids is None and self.cfg.parallel == "fft"
+        and context_parallel.sequence_mesh(x.shape[1]) is None):
       y = self.ssm_fft(x)
     else:
       y, _ = self.ssm_scan(x, reset=doc_starts(segment_ids))

@@ -1,4 +1,4 @@
-"""Context parallelism (layers/context_parallel.py): the primitives against sequential
+"""Context parallelism (layers/context_parallel/): the primitives against sequential
 ground truth, and every wired mixer split over ``sequence`` = 2, 4 or 8 of the suite's 8
 CPU devices against the same mixer unsplit: outputs and the gradients w.r.t. the input and
 every parameter, fp32, with packed documents that cross shard boundaries and one that
@@ -9,6 +9,7 @@ one program, compiled once at XLA optimisation level 0, and shapes are tiny.
 from __future__ import annotations
 
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -60,7 +61,8 @@ def run(fn, args, n: int | None):
 
 def rel_err(got, ref) -> float:
   """max |got - ref| / max |ref| over one array."""
-  got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
+  dtype = np.complex128 if np.iscomplexobj(got) or np.iscomplexobj(ref) else np.float64
+  got, ref = np.asarray(got, dtype), np.asarray(ref, dtype)
   return float(np.max(np.abs(got - ref)) / max(np.max(np.abs(ref)), 1e-30))
 
 
@@ -173,11 +175,47 @@ def test_linear_recurrence_with_initial_state_matches_the_kernel(recurrence_ref)
   assert worst(got, ref) < TOL
 
 
+def _delta_diag_loss(q, k, v, beta, g, s0, log_a, b, h0):
+  """The delta rule (TPU Pallas kernel, interpreted; gated, with an initial state) and the
+  diagonal recurrence (complex, as S4D; a time-invariant and a per-token decay)."""
+  o, sf = cp.delta_rule(q, k, v, beta, g, initial_state=s0, reset=RESET, chunk_size=16,
+                        impl="pallas_tpu", interpret=True)
+  h, hf = cp.diagonal_recurrence(log_a, b, initial_state=h0, reset=RESET, impl="xla",
+                                 chunk_size=8)
+  h2, hf2 = cp.diagonal_recurrence(log_a[None, None] * jnp.abs(v[..., :1, :1]), b,
+                                   reset=RESET, impl="xla", chunk_size=8)
+  parts = (jnp.sum(o * jnp.cos(o)), jnp.sum(sf * sf), jnp.sum(jnp.abs(h) ** 2),
+           jnp.sum(jnp.abs(hf)), jnp.sum(jnp.abs(h2)), jnp.sum(jnp.abs(hf2) ** 2))
+  return sum(parts), (o, sf, h, hf, h2, hf2)
+
+
+def test_delta_rule_and_diagonal_recurrence_with_initial_states_match_the_kernels():
+  """Outputs, final states and all gradients (the initial states' too) of the split delta
+  rule and diagonal recurrence equal the single-device kernels (n = 2: the Pallas delta
+  rule needs 16-token chunks)."""
+  keys = jax.random.split(jax.random.key(5), 8)
+  h, dk, dv, n2 = 2, 4, 6, 3
+  q = jax.random.normal(keys[0], (B, T, h, dk))
+  k = q / jnp.linalg.norm(q, axis=-1, keepdims=True)
+  k = jnp.roll(k, 3, axis=1)
+  args = (q, k, jax.random.normal(keys[1], (B, T, h, dv)),
+          jax.nn.sigmoid(jax.random.normal(keys[2], (B, T, h))),
+          -jax.nn.softplus(jax.random.normal(keys[3], (B, T, h))),
+          jax.random.normal(keys[4], (B, h, dk, dv)),
+          -0.3 + 1j * jax.random.normal(keys[5], (h, n2)),
+          jax.random.normal(keys[6], (B, T, h, n2)) * (1 + 0.5j),
+          jax.random.normal(keys[7], (B, h, n2)) * (1 - 1j))
+  fn = jax.value_and_grad(_delta_diag_loss, argnums=(0, 1, 2, 3, 4, 5, 7, 8), has_aux=True)
+  ref = run(fn, args, None)
+  got = run(fn, args, 2)
+  assert worst(got, ref) < TOL
+
+
 def test_dropping_the_incoming_state_or_the_halo_breaks_equality(recurrence_ref, monkeypatch):
   """The hand-offs matter: without S_in (or with an empty halo) the results move."""
   args, ref = recurrence_ref
   prefix = cp.exclusive_affine_prefix
-  monkeypatch.setattr(cp, "exclusive_affine_prefix",
+  monkeypatch.setattr(cp.recurrence, "exclusive_affine_prefix",
                       lambda a, b, axis, **kw: (0 * prefix(a, b, axis, **kw)[0],
                                                 prefix(a, b, axis, **kw)[1]))
   got = run(_recurrence_grad, args, 2)
@@ -188,7 +226,7 @@ def test_dropping_the_incoming_state_or_the_halo_breaks_equality(recurrence_ref,
   x = jax.random.normal(jax.random.key(2), (B, T, conv.channels))
   conv_fn = lambda x: conv(x, SEGMENT_IDS)
   conv_ref = run(conv_fn, (x,), None)  # (split == unsplit: the gla mixer test)
-  monkeypatch.setattr(cp, "halo", lambda xl, w, *a, fill=0, **kw: jnp.full(
+  monkeypatch.setattr(cp.primitives, "halo", lambda xl, w, *a, fill=0, **kw: jnp.full(
       xl.shape[:1] + (w,) + xl.shape[2:], fill, xl.dtype))
   assert rel_err(run(conv_fn, (x,), 4), conv_ref) > 1e-2
 
@@ -209,6 +247,10 @@ MIXERS = {
     "based": {"num_heads": 2, "chunk_size": 4, "feature_dim": 4, "window": 6,
               "window_heads": 2},
     "jrt": {"num_heads": 2, "chunk_size": 4, "feature_dim": 4, "prefix_len": 6},
+    "deltanet": {"num_heads": 2, "chunk_size": 4, "impl": "xla"},
+    "gated_deltanet": {"num_heads": 2, "chunk_size": 4, "impl": "xla"},
+    "mamba": {"d_state": 4, "expand": 1, "impl": "xla", "chunk_size": 4},
+    "s4d": {"d_state": 8},
 }
 # Every mixer is checked at sequence = 8 (multi-hop halos, documents spanning whole
 # shards) and at one of 2 / 4, alternating so that each mechanism (all-gather, window and
@@ -216,7 +258,8 @@ MIXERS = {
 # checks every mixer at 2, 4 and 8 (about 3x the compile time of this file's mixer tests).
 ALL_SIZES = os.environ.get("LCM_CP_ALL_SIZES") == "1"
 SMALL_SIZE = {"attention": 2, "swa": 4, "mamba2": 2, "linear_attention": 4, "retnet": 2,
-              "gla": 4, "based": 2, "jrt": 4}
+              "gla": 4, "based": 2, "jrt": 4, "deltanet": 2, "gated_deltanet": 4, "mamba": 4,
+              "s4d": 2}
 
 
 def _fwd_bwd(graphdef, ct):
@@ -230,15 +273,22 @@ def _fwd_bwd(graphdef, ct):
 
 
 @pytest.mark.parametrize("name", list(MIXERS))
-def test_mixer_split_over_sequence_equals_unsplit(name):
+def test_mixer_split_over_sequence_equals_unsplit(name, monkeypatch):
   mixer = registry.create(name, d_model=D, rngs=nnx.Rngs(0), **MIXERS[name])
   graphdef, params = nnx.split(mixer)
   x = jax.random.normal(jax.random.key(3), (B, T, D))
   ct = jax.random.normal(jax.random.key(4), (B, T, D))
   fn = _fwd_bwd(graphdef, ct)
-  # Packed documents everywhere; swa also unpacked (the unsplit call's block-sparse path).
+  # Packed documents everywhere; swa and s4d also unpacked (the unsplit call's
+  # block-sparse kernel / FFT convolution against the split forms).
   sizes = (2, 4, 8) if ALL_SIZES else (SMALL_SIZE[name], 8)
-  cases = [(True, n) for n in sizes] + ([(False, 4)] if name == "swa" else [])
+  cases = [(True, n) for n in sizes] + ([(False, 4)] if name in ("swa", "s4d") else [])
+  # The split path is really taken (not XLA's partitioner gathering the whole sequence).
+  split_calls = []
+  for module in (cp.primitives, cp.recurrence, sys.modules["layers.context_parallel.attention"]):
+    original = module.shard_map
+    monkeypatch.setattr(module, "shard_map",
+                        lambda *a, _f=original, **kw: split_calls.append(1) or _f(*a, **kw))
   meshes = {n: mesh(n) for _, n in cases}
 
   def all_cases(params, x, segment_ids):
@@ -252,6 +302,7 @@ def test_mixer_split_over_sequence_equals_unsplit(name):
     return out
   args = jax.device_put((params, x, SEGMENT_IDS), NamedSharding(meshes[cases[0][1]], P()))
   out = jax.jit(all_cases).lower(*args).compile(compiler_options=FAST)(*args)
+  assert len(split_calls) >= len(cases), split_calls
   for packed, n in cases:
     got, ref = out[packed, n], out[packed, 0]
     errs = {"y": rel_err(got[0], ref[0]), "dx": rel_err(got[1], ref[1]),
