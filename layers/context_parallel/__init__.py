@@ -78,8 +78,10 @@ from layers.context_parallel.primitives import (AXIS, exclusive_affine_prefix, h
                                                 sequence_context, sequence_mesh, with_history)
 from layers.context_parallel.recurrence import (delta_rule, delta_rule_shard,
                                                 diagonal_recurrence, diagonal_shard,
-                                                linear_recurrence, recurrence_shard)
+                                                handoff_shard, linear_recurrence,
+                                                recurrence_shard, sequential)
 
 __all__ = ["AXIS", "sequence_mesh", "sequence_context", "halo", "exclusive_affine_prefix",
            "recurrence_shard", "linear_recurrence", "delta_rule_shard", "delta_rule",
-           "diagonal_shard", "diagonal_recurrence", "with_history", "attention"]
+           "diagonal_shard", "diagonal_recurrence", "handoff_shard", "sequential",
+           "with_history", "attention"]

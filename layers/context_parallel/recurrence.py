@@ -23,7 +23,7 @@ from layers.context_parallel.primitives import (AXIS, HIGHEST, TIME, exclusive_a
                                                 sequence_mesh, shard_map, varying)
 
 __all__ = ["recurrence_shard", "linear_recurrence", "delta_rule_shard", "delta_rule",
-           "diagonal_shard", "diagonal_recurrence"]
+           "diagonal_shard", "diagonal_recurrence", "handoff_shard", "sequential"]
 
 
 def recurrence_shard(q, k, v, log_decay=None, *, reset=None, initial_state=None,
@@ -221,3 +221,58 @@ def diagonal_recurrence(log_a, b, *, initial_state=None, reset=None, chunk_size:
       args, replicated,
       lambda a: diagonal_shard(a["log_a"], a["b"], reset=a.get("reset"),
                                initial_state=a.get("initial_state"), kernel=kernel))
+
+
+def handoff_shard(fn: Callable, xs, state, *consts, axis_name: str = AXIS):
+  """One shard of :func:`sequential` (inside a shard_map over ``axis_name``): ``fn(xs,
+  state, *consts) -> (out, new state)`` runs on shard 0, its state goes to shard 1, and so
+  on: n rounds (a ``fori_loop``, so ``fn`` is compiled once), in round i only shard i
+  computes (a ``lax.cond`` on the shard index; the others wait) and a ``ppermute`` to the
+  next shard hands its state to shard i + 1 (every shard sends, only i + 1 keeps it: the
+  permutation must be static). Returns ``(out, state)``: this shard's outputs and final
+  state (the last shard's is the whole sequence's)."""
+  n = jax.lax.axis_size(axis_name)
+  r = jax.lax.axis_index(axis_name)
+  state = jax.tree.map(lambda s: varying(s, axis_name), state)
+  out_shape = jax.eval_shape(fn, xs, state, *consts)[0]
+  out = jax.tree.map(lambda s: varying(jnp.zeros(s.shape, s.dtype), axis_name), out_shape)
+  shift = [(j, j + 1) for j in range(n - 1)]
+
+  def run(state, out):
+    del out
+    return fn(xs, state, *consts)
+
+  def round_(i, carry):  # a loop, not unrolled: fn is traced (and compiled) once
+    out, state = jax.lax.cond(r == i, run, lambda state, out: (out, state), *carry[::-1])
+    sent = jax.lax.ppermute(state, axis_name, shift)
+    state = jax.tree.map(lambda got, own: jnp.where(r == i + 1, got, own), sent, state)
+    return out, state
+
+  out, state = jax.lax.fori_loop(0, n, round_, (out, state))
+  return out, state
+
+
+def sequential(fn: Callable, xs: dict, state, *consts):
+  """``fn(xs, state, *consts) -> (out, new state)`` for a recurrence that is not affine in
+  its state (the Titans memory: an MLP trained online), where the only exact split is a
+  hand-off in order: with a sequence mesh, shard r starts from shard r - 1's final state
+  (:func:`handoff_shard`), so the shards run one after another: no speed-up over one
+  device, but each device holds only its ``T / n`` tokens' activations (the point of the
+  split for these layers). ``xs`` ``[B, T, ...]`` arrays (split on T), ``state`` and
+  ``consts`` replicated pytrees; ``out`` ``[B, T, ...]`` arrays. Without a sequence mesh
+  that divides T: ``fn(xs, state, *consts)``."""
+  mesh = sequence_mesh(jax.tree.leaves(xs)[0].shape[1])
+  if mesh is None:
+    return fn(xs, state, *consts)
+  rep = jax.tree.map(lambda _: P(), (state,) + consts)
+  split = jax.tree.map(lambda _: TIME, xs)
+
+  def body(xs, state, *consts):
+    out, final = handoff_shard(fn, xs, state, *consts)
+    return out, jax.tree.map(lambda s: s[None], final)
+
+  out_shape = jax.eval_shape(fn, xs, state, *consts)[0]
+  out_specs = (jax.tree.map(lambda _: TIME, out_shape), jax.tree.map(lambda _: P(AXIS), state))
+  out, final = shard_map(body, mesh, (split,) + rep, out_specs, check_vma=False)(
+      xs, *((state,) + consts))
+  return out, jax.tree.map(lambda s: s[-1], final)

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kernels.delta_rule import delta_rule
+from layers import context_parallel
 from layers.common import (GatedRMSNorm, Linear, RMSNorm, ShortConv, check, dense_init,
                            param)
 from layers.common import check_bool, check_d_model, check_pos_int, check_positive, is_num
@@ -248,9 +248,10 @@ class MoM(nnx.Module):
     q_all = jnp.broadcast_to(q[:, :, None], (b, t, m, h, dk))
     s0 = None if state is None else state["S"].reshape(b, m * h, dk, dv).astype(jnp.float32)
     reset = doc_starts(segment_ids)
-    o, sf = delta_rule(flat(q_all), flat(k), flat(v), flat(beta).astype(q.dtype),
-                       flat(log_decay), initial_state=s0, reset=reset,
-                       chunk_size=self.cfg.chunk_size, impl=self.cfg.impl)
+    o, sf = context_parallel.delta_rule(flat(q_all), flat(k), flat(v),
+                                        flat(beta).astype(q.dtype), flat(log_decay),
+                                        initial_state=s0, reset=reset,
+                                        chunk_size=self.cfg.chunk_size, impl=self.cfg.impl)
     o = o.reshape(b, t, m, h, dv).astype(jnp.float32)
     o = jnp.einsum("btm,btmhv->bthv", mix, o)
     o = o.astype(self.dtype)

@@ -48,6 +48,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kernels.neural_memory import ACTIVATIONS, MemoryMLP, Weights, memory_recurrence
+from layers import context_parallel
 from layers.common import (GatedRMSNorm, Linear, RMSNorm, ShortConv, check, check_bool,
                            check_finite, check_pos_int, check_positive, dense_init, is_int, param,
                            segment_positions)
@@ -263,6 +264,29 @@ class TitansLMM(nnx.Module):
     o = self.norm(o, self.g(x)) if self.g is not None else self.norm(o)
     return jnp.einsum("bthd,hde->bte", o.astype(self.dtype), self.out[...].astype(self.dtype))
 
+  def recurrence(self, q, k, v, gates, mem, doc_pos):
+    """``memory_recurrence`` with this layer's memory; over a ``sequence`` mesh axis the
+    shards hand the memory state on one after another (``context_parallel.sequential``:
+    the memory update is not affine in the state, so there is no prefix to parallelise)."""
+    b, t = q.shape[:2]
+    init = self.initial_weights()
+
+    def run(xs, mem, init):
+      return memory_recurrence(self.mlp, init, xs["q"], xs["k"], xs["v"], *xs["gates"],
+                               chunk_size=self.cfg.chunk_size, state=mem,
+                               doc_pos=xs.get("doc_pos"))
+    xs = {"q": q, "k": k, "v": v, "gates": gates}
+    if context_parallel.sequence_mesh(t) is None:
+      return run(dict(xs, doc_pos=doc_pos), mem, init)
+    if doc_pos is None:  # one document from token 0 (or continuing at a chunk boundary)
+      start = 0 if mem is None else self.cfg.chunk_size
+      doc_pos = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
+    if mem is None:  # the explicit initial state, to hand on
+      w = tuple(jnp.broadcast_to(a, (b,) + a.shape) for a in init)
+      mem = (w, w, tuple(jnp.zeros_like(a) for a in w))
+    xs["doc_pos"] = doc_pos
+    return context_parallel.sequential(run, xs, mem, init)
+
   def _run(self, x, segment_ids=None, state=None, *, aligned: bool = False):
     """(y, new state or None). ``aligned``: no documents and ``state`` (if any) at a chunk
     boundary of its document."""
@@ -277,9 +301,7 @@ class TitansLMM(nnx.Module):
     else:
       pos = jnp.zeros((b,), jnp.int32) if state is None else state["pos"]
       doc_pos = pos[:, None] + jnp.arange(t, dtype=jnp.int32)
-    o, (w0, m, s) = memory_recurrence(self.mlp, self.initial_weights(), q, k, v, lk, le, th,
-                                      chunk_size=self.cfg.chunk_size, state=mem,
-                                      doc_pos=doc_pos)
+    o, (w0, m, s) = self.recurrence(q, k, v, (lk, le, th), mem, doc_pos)
     y = self.output(o, x)
     if state is None:
       return y, None

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from layers import context_parallel
 from layers.attention import apply_rope
 from layers.common import Linear, check, dense_init, is_int, is_num, param, segment_positions
 from layers.neural_memory.common import head_dim_of
@@ -83,6 +84,13 @@ class PrefixAttention(nnx.Module):
     b, t, _ = x.shape
     pos = segment_positions(segment_ids, b, t)
     q, q_raw, k, v = self.qkv(x, pos)
+    if context_parallel.sequence_mesh(t) is not None:  # T split over the `sequence` axis
+      dh = q.shape[-1]  # q and q_raw travel together (the persistent keys read q_raw)
+      return context_parallel.attention(
+          jnp.concatenate([q, q_raw], -1), k, v, segment_ids, window=window,
+          attend=lambda qc, keys, vals, mask: self.attend(
+              qc[..., :dh], qc[..., dh:], keys, vals,
+              jnp.broadcast_to(mask, qc.shape[:2] + keys.shape[1:2])))
     i = jnp.arange(t)
     diff = i[:, None] - i[None, :]
     mask = ((diff >= 0) & (diff < window))[None]
