@@ -6,6 +6,8 @@ Recurrent mixers decode in constant memory; attention keeps a KV cache of
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 
@@ -16,6 +18,7 @@ from flax import nnx
 
 from lcm import checkpoint as ckpt_lib
 from lcm import model as model_lib
+from lcm import sharding
 
 
 def sample_logits(logits: jax.Array, key: jax.Array, *, temperature: float = 1.0,
@@ -41,11 +44,16 @@ def sample_logits(logits: jax.Array, key: jax.Array, *, temperature: float = 1.0
 
 def generate(model: model_lib.LM, prompt: jax.Array, max_new_tokens: int, *,
              key: jax.Array | None = None, temperature: float = 0.0, top_k: int = 0,
-             top_p: float = 1.0, prefill_chunk: int = 256) -> jax.Array:
+             top_p: float = 1.0, prefill_chunk: int = 256, mesh=None) -> jax.Array:
   """Continues ``prompt [B, P]`` by ``max_new_tokens`` tokens; returns ``[B, max_new_tokens]``.
 
   The prompt is consumed by ``step`` in chunks of ``prefill_chunk`` tokens (so a long
   prompt never materialises a [P, P] attention matrix), then tokens are decoded one by one.
+
+  ``mesh``: a ``lcm.sharding.make_mesh`` mesh whose ``sequence`` axis (> 1) splits each
+  prefill chunk's tokens over its devices (context-parallel prefill: the mixers' split
+  forms, docs/context-parallel.md; a chunk that the axis does not divide runs unsplit).
+  Parameters and the decode state are replicated on the mesh and decoding runs as usual.
   """
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -57,9 +65,16 @@ def generate(model: model_lib.LM, prompt: jax.Array, max_new_tokens: int, *,
   graphdef, params = nnx.split(model)
   params = nnx.to_pure_dict(params)  # raw arrays: Variables must not cross trace levels
 
-  @jax.jit
+  context, jit_prefill = contextlib.nullcontext, jax.jit
+  if mesh is not None:  # the mixers split each chunk's tokens; the outputs are replicated
+    context = lambda: sharding.sequence_context(mesh)
+    params, state, prompt = jax.device_put((params, state, prompt), sharding.replicated(mesh))
+    jit_prefill = functools.partial(jax.jit, out_shardings=sharding.replicated(mesh))
+
+  @jit_prefill
   def prefill(params, chunk, state):
-    return nnx.merge(graphdef, params).step(chunk, state)
+    with context():
+      return nnx.merge(graphdef, params).step(chunk, state)
 
   logits = None
   for start in range(0, p, prefill_chunk):

@@ -8,7 +8,7 @@ the dimension is replicated instead (so tiny test models still run on big meshes
 ``sequence`` (``mesh.sequence``, default 1) is context parallelism: the T axis of the
 batch (logical ``seq``) is split over it, and the trainer traces the model inside
 :func:`sequence_context`, from which the mixers learn the mesh
-(``layers/context_parallel.py``). It is the innermost axis (neighbouring devices exchange
+(``layers/context_parallel/``). It is the innermost axis (neighbouring devices exchange
 halos and states), so with ``mesh.sequence = 1`` devices map to the other axes as before.
 """
 

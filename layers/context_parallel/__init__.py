@@ -43,6 +43,23 @@ module supplies it:
   rejects them); its one replicated input, ``initial_state``, still gets its gradient
   summed over the shards by the transpose (tested with the TPU kernel interpreted).
 
+* **Delta rule** (:func:`delta_rule`, a drop-in for ``kernels.delta_rule.delta_rule``:
+  DeltaNet, Gated DeltaNet, MoM). The shard transition ``A_r`` is dense (the product of
+  the shard's ``a_t (I - beta_t k_t k_t^T)``). One kernel pass with the values widened to
+  ``[v | 0]`` from the state ``[0 | I]`` gives ``o^loc``, ``B_r``, ``A_r`` and
+  ``u_t = A_{<=t}^T q_t`` (the update acts on each state column separately); the dense
+  prefix gives ``S_in`` and ``o_t += S_in^T u_t`` is exact. Cost: ``Dv + Dk`` value
+  columns in the one local pass (about 2x the state work for ``Dk = Dv``).
+
+* **Diagonal recurrence** (:func:`diagonal_recurrence`, a drop-in for
+  ``kernels.diag_scan.diagonal_recurrence``: Mamba, S4D with complex modes). Per channel
+  ``log A_r = sum of the shard's log a``; ``h_t += exp(c_t) h_in``.
+
+* **Sequential hand-off** (:func:`sequential`: the Titans memory, whose update is an MLP
+  trained online and so not affine in its state). Shard r starts from shard r - 1's final
+  state: n rounds, only shard i computing in round i. No speed-up; each device holds only
+  its T / n tokens' activations.
+
 * **Attention** (:func:`attention`). Full causal attention all-gathers K and V (and the
   segment ids) over ``sequence``: each device holds ``[B, T, Hkv, Dh]`` K and V and a
   ``[B, H, L, T]`` score block, so memory is O(T) per device for K/V and O(L T) for the
@@ -54,7 +71,8 @@ module supplies it:
 
 How a mixer learns the mesh. The trainer enters ``jax.sharding.use_abstract_mesh`` with
 its mesh inside the traced step when ``mesh.sequence > 1`` (:func:`sequence_context`). The
-entry points here (:func:`linear_recurrence`, :func:`with_history`, :func:`attention`) read
+entry points here (:func:`linear_recurrence`, :func:`delta_rule`,
+:func:`diagonal_recurrence`, :func:`sequential`, :func:`with_history`, :func:`attention`) read
 the context mesh with :func:`sequence_mesh` at trace time and, when its ``sequence`` axis
 has more than one device and divides the length, run their body in ``jax.shard_map`` over
 that axis alone (the other mesh axes stay automatic, so data / fsdp / tensor sharding is
