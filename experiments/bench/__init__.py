@@ -7,6 +7,8 @@
         --out=results/bench_layers_mamba2
     python -m experiments.bench swa --repeats=5 --out=results/bench_swa
     python -m experiments.bench auto --out=results/bench_auto
+    JAX_NUM_CPU_DEVICES=8 python -m experiments.bench context_parallel \
+        --out=results/context_parallel
 
 One mode per module, chosen by ``--what`` or the one positional argument (``decode`` by
 default); each module's docstring says what it times:
@@ -19,13 +21,15 @@ default); each module's docstring says what it times:
   * :mod:`experiments.bench.swa`: block-sparse sliding-window vs dense causal attention.
   * :mod:`experiments.bench.auto`: every kernel's implementations at short and long shapes,
     the winners that each kernel's ``AUTO`` table (``impl="auto"``) records.
+  * :mod:`experiments.bench.context_parallel`: per-device memory of a mixer's fwd + bwd
+    split over ``sequence`` = 1, 2, 4, 8 devices (compiled, not run).
   * :mod:`experiments.bench.common`: the shared flags (``--repeats``, ``--out``,
     ``--huge_pages``, ``--max_call_seconds``), the interleaved timing loop and medians, the
     scaling-exponent fit, the huge-pages re-exec and the JSON (+ PNG) writer, which stamps
     every report with its provenance (``lcm.provenance``: command, commit, the code paths
     the figures depend on and the files written).
 
-A later mode (e.g. ``context_parallel``) is one more module with its flags and a ``main()``,
+A later mode is one more module with its flags and a ``main()``,
 its name added to ``common.MODES``, imported below and dispatched in ``__main__``.
 
 Every mode compiles and warms up each case first, then times all cases interleaved in
@@ -37,6 +41,8 @@ Every mode compiles and warms up each case first, then times all cases interleav
 from __future__ import annotations
 
 # Every mode's flags are defined at import (the README's commands are checked against them).
-from experiments.bench import auto, common, decode, kernels, layers, peers, swa  # noqa: F401
+from experiments.bench import (auto, common, context_parallel, decode, kernels,  # noqa: F401
+                               layers, peers, swa)
 
-__all__ = ["auto", "common", "decode", "kernels", "layers", "peers", "swa"]
+__all__ = ["auto", "common", "context_parallel", "decode", "kernels", "layers", "peers",
+           "swa"]

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from absl import app, logging
 
-from experiments.bench import auto, common, decode, kernels, layers, swa
+from experiments.bench import auto, common, context_parallel, decode, kernels, layers, swa
 
 MAINS = {"decode": decode.main, "kernels": kernels.main, "layers": layers.main,
-         "swa": swa.main, "auto": auto.main}
+         "swa": swa.main, "auto": auto.main, "context_parallel": context_parallel.main}
 
 
 def main(argv):

@@ -19,7 +19,7 @@ from lcm import provenance
 
 # The modes of ``python -m experiments.bench`` (``--what`` or the positional argument), one
 # module each.
-MODES = ("decode", "kernels", "layers", "swa", "auto")
+MODES = ("decode", "kernels", "layers", "swa", "auto", "context_parallel")
 
 WHAT = flags.DEFINE_enum("what", "decode", list(MODES),
                          "Which benchmark (may also be given as the positional argument).")

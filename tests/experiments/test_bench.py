@@ -216,3 +216,17 @@ def test_command_writes_json_with_provenance_and_png(tmp_path):
   assert prov["code"] == ["experiments/bench", "kernels"]
   assert prov["outputs"] == [f"{out}.png"] and os.path.getsize(f"{out}.png") > 1000
   assert report["what"] == "kernels" and "diagonal_recurrence" in report["result"]["ops"]
+
+
+# ------------------------------------------------------------ --what=context_parallel (toy)
+
+
+def test_context_parallel_benchmark_reports_per_device_memory():
+  """Toy T: the split program holds less per device than the unsplit one, and the report
+  has what the README table reads."""
+  from experiments.bench import context_parallel  # pylint: disable=g-import-not-at-top
+  r = context_parallel.context_parallel_benchmark(["gla"], [1, 2], 256, 16)
+  row = r["mixers"]["gla"]
+  assert row["1"]["temp_fraction"] == 1.0
+  assert 0 < row["2"]["temp"] < row["1"]["temp"]
+  assert r["target"] is None  # n = 8 not measured
