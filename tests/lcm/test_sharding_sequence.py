@@ -128,3 +128,26 @@ def test_prefill_split_over_sequence_then_decode_gives_the_same_tokens(monkeypat
   want = generate.generate(model, prompt, 32, prefill_chunk=16)
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
   assert len(np.unique(np.asarray(want))) > 4  # not a degenerate repetition
+
+
+def test_checkpoint_restores_across_sequence_sizes(tmp_path):
+  """Parameters and optimizer state are never split over ``sequence`` (only activations
+  are), so a checkpoint saved with mesh.sequence = 4 restores with 1 and the other way
+  round, values and the target mesh's shardings."""
+  from lcm import checkpoint  # pylint: disable=g-import-not-at-top
+  trainers = {n: train.Trainer(tiny_config("mamba2,swa", **{"mesh.sequence": n}))
+              for n in (4, 1)}
+  for save_n, load_n in ((4, 1), (1, 4)):
+    saver, loader = trainers[save_n], trainers[load_n]
+    params, opt = saver.init_state()
+    params = jax.tree.map(lambda a, n=save_n: a + n, params)  # not the fresh init
+    ck = checkpoint.Checkpointer(str(tmp_path / f"ck{save_n}"), async_save=False)
+    ck.save(3, {"params": params, "opt_state": opt,
+                "step": jax.device_put(jnp.int32(3), saver.replicated)})
+    restored = ck.restore(3, loader.abstract_state())
+    ck.close()
+    assert dict(loader.mesh.shape)[context_parallel.AXIS] == load_n
+    for a, b in zip(jax.tree.leaves(restored["params"]), jax.tree.leaves(params)):
+      assert a.sharding.mesh.shape == loader.mesh.shape
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert int(restored["step"]) == 3
