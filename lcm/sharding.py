@@ -31,7 +31,7 @@ MESH_AXES = ("data", "fsdp", "tensor", context_parallel.AXIS)
 
 # logical axis -> mesh axis (or tuple of mesh axes, or None = replicated).
 LOGICAL_RULES: dict[str, Any] = {
-    "batch": ("data", "fsdp"),
+    "batch": context_parallel.BATCH_AXES,  # ("data", "fsdp")
     "embed": "fsdp",
     "vocab": "tensor",
     "heads": "tensor",

@@ -92,14 +92,15 @@ A length that the axis does not divide (``step`` with a few tokens) takes the pl
 """
 
 from layers.context_parallel.attention import attention
-from layers.context_parallel.primitives import (AXIS, exclusive_affine_prefix, halo,
-                                                sequence_context, sequence_mesh, with_history)
+from layers.context_parallel.primitives import (AXIS, BATCH_AXES, exclusive_affine_prefix,
+                                                halo, sequence_context, sequence_mesh,
+                                                with_history)
 from layers.context_parallel.recurrence import (delta_rule, delta_rule_shard,
                                                 diagonal_recurrence, diagonal_shard,
                                                 handoff_shard, linear_recurrence,
                                                 recurrence_shard, sequential)
 
-__all__ = ["AXIS", "sequence_mesh", "sequence_context", "halo", "exclusive_affine_prefix",
+__all__ = ["AXIS", "BATCH_AXES", "sequence_mesh", "sequence_context", "halo", "exclusive_affine_prefix",
            "recurrence_shard", "linear_recurrence", "delta_rule_shard", "delta_rule",
            "diagonal_shard", "diagonal_recurrence", "handoff_shard", "sequential",
            "with_history", "attention"]

@@ -16,9 +16,12 @@ from jax.sharding import PartitionSpec as P
 
 AXIS = "sequence"
 TIME = P(None, AXIS)  # [B, T, ...] split on T
+# The mesh axes that split the batch (lcm.sharding's logical "batch" rule reads this).
+BATCH_AXES = ("data", "fsdp")
 HIGHEST = jax.lax.Precision.HIGHEST
 
-__all__ = ["AXIS", "TIME", "HIGHEST", "sequence_mesh", "sequence_context", "shard_map",
+__all__ = ["AXIS", "TIME", "BATCH_AXES", "HIGHEST", "sequence_mesh", "sequence_context",
+           "shard_map", "batch_axes",
            "varying", "halo", "exclusive_affine_prefix", "with_history"]
 
 
@@ -43,11 +46,23 @@ def sequence_context(mesh):
   return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
 
 
-def shard_map(fn, mesh, in_specs, out_specs, check_vma=True):
+def shard_map(fn, mesh, in_specs, out_specs, check_vma=True, all_axes=False):
   """``jax.shard_map`` manual over the ``sequence`` axis only (the other mesh axes stay
-  automatic)."""
+  automatic), or over every mesh axis with ``all_axes`` (where the body calls a Pallas
+  kernel: Mosaic calls cannot be partitioned automatically, so no axis may stay auto)."""
+  names = frozenset(mesh.axis_names) if all_axes else frozenset({AXIS})
   return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
-                       axis_names=frozenset({AXIS}), check_vma=check_vma)
+                       axis_names=names, check_vma=check_vma)
+
+
+def batch_axes(mesh, batch: int):
+  """The mesh axes of :data:`BATCH_AXES` (those of more than one device) that split a batch
+  of ``batch`` rows, as a PartitionSpec entry (None: the batch is not split)."""
+  axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
+  size = 1
+  for a in axes:
+    size *= mesh.shape[a]
+  return axes if axes and batch % size == 0 else None
 
 
 # ----------------------------------------------------------------------------------

@@ -19,8 +19,9 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from kernels import chunked_scan, delta_rule as delta_rule_kernel, diag_scan
-from layers.context_parallel.primitives import (AXIS, HIGHEST, TIME, exclusive_affine_prefix,
-                                                sequence_mesh, shard_map, varying)
+from layers.context_parallel.primitives import (AXIS, HIGHEST, TIME, batch_axes,
+                                                exclusive_affine_prefix, sequence_mesh,
+                                                shard_map, varying)
 
 __all__ = ["recurrence_shard", "linear_recurrence", "delta_rule_shard", "delta_rule",
            "diagonal_shard", "diagonal_recurrence", "handoff_shard", "sequential"]
@@ -92,27 +93,35 @@ def linear_recurrence(q, k, v, log_decay=None, *, initial_state=None, reset=None
   return _split(
       lambda a: scan(a["q"], a["k"], a["v"], a.get("log_decay"),
                      initial_state=a.get("initial_state"), reset=a.get("reset")),
-      args, ("initial_state",),
+      args,
       lambda a: recurrence_shard(a["q"], a["k"], a["v"], a.get("log_decay"),
                                  reset=a.get("reset"), initial_state=a.get("initial_state"),
                                  scan=scan))
 
 
-def _split(kernel_call, args: dict, replicated: tuple[str, ...], body):
-  """Run ``body(args)`` in a shard_map over ``sequence`` (args split on T except the
-  ``replicated`` ones); ``body`` returns ``(out split on T, final state equal on every
-  shard)``. Without a sequence mesh that divides T, ``kernel_call(args)`` instead."""
-  mesh = sequence_mesh(args["q" if "q" in args else "b"].shape[1])
+def _split(kernel_call, args: dict, body, *, per_row=("initial_state",), whole=()):
+  """Run ``body(args)`` in a shard_map manual over every mesh axis (the kernels may be
+  Pallas calls): arrays ``[B, T, ...]`` split on B over the batch axes and on T over
+  ``sequence``; ``per_row`` ones (``[B, ...]``, e.g. the initial state) on B only;
+  ``whole`` ones not at all. ``body`` returns ``(out [B, L, ...], final state equal on
+  every shard of the sequence)``. Other axes (``tensor``) are replicated inside: inputs
+  split over heads are gathered on entry. Without a sequence mesh that divides T,
+  ``kernel_call(args)`` instead."""
+  first = args["q" if "q" in args else "b"]
+  mesh = sequence_mesh(first.shape[1])
   args = {n: x for n, x in args.items() if x is not None}
   if mesh is None:
     return kernel_call(args)
-  specs = {n: (P() if n in replicated else TIME) for n in args}
+  bax = batch_axes(mesh, first.shape[0])
+  timed, row = P(bax, AXIS), P(bax)
+  specs = {n: (row if n in per_row else P() if n in whole else timed) for n in args}
 
   def wrapped(a):
     o, s_total = body(a)
     return o, s_total[None]  # equal on every shard; typed varying, so one per shard
 
-  o, s_total = shard_map(wrapped, mesh, (specs,), (TIME, P(AXIS)), check_vma=False)(args)
+  o, s_total = shard_map(wrapped, mesh, (specs,), (timed, P(AXIS, bax)), check_vma=False,
+                         all_axes=True)(args)
   return o, s_total[-1]
 
 
@@ -164,7 +173,7 @@ def delta_rule(q, k, v, beta, log_decay=None, *, initial_state=None, reset=None,
   return _split(
       lambda a: kernel(a["q"], a["k"], a["v"], a["beta"], a.get("log_decay"),
                        initial_state=a.get("initial_state"), reset=a.get("reset")),
-      args, ("initial_state",),
+      args,
       lambda a: delta_rule_shard(a["q"], a["k"], a["v"], a["beta"], a.get("log_decay"),
                                  reset=a.get("reset"), initial_state=a.get("initial_state"),
                                  kernel=kernel))
@@ -214,13 +223,13 @@ def diagonal_recurrence(log_a, b, *, initial_state=None, reset=None, chunk_size:
     log_a = jnp.broadcast_to(log_a, b.shape)
     timed = True
   args = {"b": b, "log_a": log_a, "reset": reset, "initial_state": initial_state}
-  replicated = ("initial_state",) + (() if timed else ("log_a",))
   return _split(
       lambda a: kernel(a["log_a"], a["b"], initial_state=a.get("initial_state"),
                        reset=a.get("reset")),
-      args, replicated,
+      args,
       lambda a: diagonal_shard(a["log_a"], a["b"], reset=a.get("reset"),
-                               initial_state=a.get("initial_state"), kernel=kernel))
+                               initial_state=a.get("initial_state"), kernel=kernel),
+      whole=() if timed else ("log_a",))
 
 
 def handoff_shard(fn: Callable, xs, state, *consts, axis_name: str = AXIS):

@@ -151,3 +151,45 @@ def test_checkpoint_restores_across_sequence_sizes(tmp_path):
       assert a.sharding.mesh.shape == loader.mesh.shape
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert int(restored["step"]) == 3
+
+
+def test_split_hybrid_train_step_exports_for_tpu_with_pallas_kernels():
+  """Attention + Mamba2 + Gated DeltaNet with the TPU Pallas kernels, value_and_grad of the
+  LM loss and an AdamW update, traced on an abstract (data, sequence) = (1, 4) mesh and
+  exported for TPU without hardware: the Mosaic calls sit in regions manual over every
+  mesh axis (they cannot be partitioned automatically), states cross shards by
+  collective-permute / all-gather."""
+  import optax  # pylint: disable=g-import-not-at-top
+  from jax.sharding import AbstractMesh, AxisType, NamedSharding  # pylint: disable=g-import-not-at-top
+  c = config_lib.base_config().model
+  c.vocab_size, c.d_model, c.num_layers, c.mlp_ratio, c.remat = 128, 128, 3, 2.0, False
+  c.pattern = "attention,mamba2,gated_deltanet"
+  c.mixers = ml_collections.ConfigDict({
+      "attention": {"num_heads": 2},
+      "mamba2": {"d_state": 64, "head_dim": 64, "chunk_size": 64, "impl": "pallas_tpu"},
+      "gated_deltanet": {"num_heads": 2, "chunk_size": 64, "impl": "pallas_tpu"}})
+  graphdef, params = nnx.split(model_lib.LM(c, rngs=nnx.Rngs(0)))
+  params = nnx.to_pure_dict(params)
+  tx = optax.adamw(1e-3)
+  mesh = AbstractMesh((1, 4), ("data", context_parallel.AXIS), axis_types=(AxisType.Auto,) * 2)
+
+  def train_step(params, opt_state, tokens):
+    def loss(p):
+      with jax.sharding.use_abstract_mesh(mesh):
+        logits = nnx.merge(graphdef, p)(tokens[:, :-1])
+      logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+      return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], -1))
+    value, grads = jax.value_and_grad(loss)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return value, optax.apply_updates(params, updates), opt_state
+
+  rep = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(mesh, P()))
+  with jax.sharding.use_abstract_mesh(mesh):
+    p = jax.tree.map(rep, params)
+    o = jax.tree.map(rep, jax.eval_shape(tx.init, params))
+    tok = jax.ShapeDtypeStruct((2, 1025), jnp.int32, sharding=NamedSharding(mesh, P()))
+    exported = jax.export.export(jax.jit(train_step), platforms=["tpu"])(p, o, tok)
+  text = exported.mlir_module()
+  assert exported.nr_devices == 4
+  assert text.count("tpu_custom_call") >= 4  # forward and backward kernels of both scans
+  assert "collective_permute" in text and "all_gather" in text
