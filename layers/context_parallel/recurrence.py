@@ -233,32 +233,41 @@ def diagonal_recurrence(log_a, b, *, initial_state=None, reset=None, chunk_size:
 
 
 def handoff_shard(fn: Callable, xs, state, *consts, axis_name: str = AXIS):
-  """One shard of :func:`sequential` (inside a shard_map over ``axis_name``): ``fn(xs,
-  state, *consts) -> (out, new state)`` runs on shard 0, its state goes to shard 1, and so
-  on: n rounds (a ``fori_loop``, so ``fn`` is compiled once), in round i only shard i
-  computes (a ``lax.cond`` on the shard index; the others wait) and a ``ppermute`` to the
-  next shard hands its state to shard i + 1 (every shard sends, only i + 1 keeps it: the
-  permutation must be static). Returns ``(out, state)``: this shard's outputs and final
-  state (the last shard's is the whole sequence's)."""
+  """One shard of :func:`sequential` (inside a shard_map over ``axis_name``) for ``fn(xs,
+  state, *consts) -> (out, new state)``.
+
+  1. The incoming states, in order: n rounds of a ``fori_loop`` (``fn`` compiled once); in
+     round i only shard i runs ``fn`` for its new state (a ``lax.cond`` on the shard index;
+     the others wait) and a ``ppermute`` to the next shard hands it on (every shard sends,
+     only i + 1 keeps it: the permutation must be static).
+  2. The outputs: every shard runs ``fn`` from its incoming state, all at once.
+
+  Memory: the loop's rounds are rematerialised (``jax.checkpoint``), so the backward keeps
+  n states per device, not n rounds of residuals (each round's taken branch is a whole
+  shard's pass: measured 2.9x the unsplit layer's memory at n = 8, T = 64k without it),
+  and no output crosses the loop. Compute: the state pass runs shard after shard (one
+  shard's pass per device, but in sequence), the output pass in parallel; the backward
+  recomputes the state pass. Returns ``(out, state)``: this shard's outputs and final state
+  (the last shard's is the whole sequence's)."""
   n = jax.lax.axis_size(axis_name)
   r = jax.lax.axis_index(axis_name)
   state = jax.tree.map(lambda s: varying(s, axis_name), state)
-  out_shape = jax.eval_shape(fn, xs, state, *consts)[0]
-  out = jax.tree.map(lambda s: varying(jnp.zeros(s.shape, s.dtype), axis_name), out_shape)
   shift = [(j, j + 1) for j in range(n - 1)]
 
-  def run(state, out):
-    del out
-    return fn(xs, state, *consts)
+  @jax.checkpoint
+  def advance(state):
+    return fn(xs, state, *consts)[1]
 
-  def round_(i, carry):  # a loop, not unrolled: fn is traced (and compiled) once
-    out, state = jax.lax.cond(r == i, run, lambda state, out: (out, state), *carry[::-1])
+  def round_(i, carry):
+    state_in, state = carry
+    state_in = jax.tree.map(lambda a, b: jnp.where(r == i, b, a), state_in, state)
+    state = jax.lax.cond(r == i, advance, lambda s: s, state)
     sent = jax.lax.ppermute(state, axis_name, shift)
     state = jax.tree.map(lambda got, own: jnp.where(r == i + 1, got, own), sent, state)
-    return out, state
+    return state_in, state
 
-  out, state = jax.lax.fori_loop(0, n, round_, (out, state))
-  return out, state
+  state_in, _ = jax.lax.fori_loop(0, n, round_, (state, state))
+  return fn(xs, state_in, *consts)
 
 
 def sequential(fn: Callable, xs: dict, state, *consts):
