@@ -388,6 +388,12 @@ def validate(c: ml_collections.ConfigDict, *, num_devices: int | None = None) ->
   if c.data.seq_len % sequence:
     raise ConfigError("data.seq_len", f"must be divisible by mesh.sequence={sequence} (got "
                       f"{c.data.seq_len})")
+  if sequence > 1 and "landmark" in pattern_names(c.model):
+    # Its inserted landmark tokens make the layer stack's length indivisible by the axis, so
+    # every mixer would silently run unsplit (docs/context-parallel.md, what remains).
+    raise ConfigError("mesh.sequence", f"must be 1 with a landmark layer in model.pattern: "
+                      f"landmark attention is not split over the sequence axis yet (got "
+                      f"{sequence})")
   if num_devices is not None:
     shape = mesh_shape(c.mesh, num_devices)
     batch_shards = shape["data"] * shape["fsdp"]

@@ -49,6 +49,10 @@ def test_sequence_axis_config_errors_name_their_field():
     config_lib.validate(c, num_devices=8)
   assert e.value.field == "mesh.sequence" and "2 devices left" in str(e.value)
   assert len(str(e.value).splitlines()) == 1
+  c = tiny_config("landmark,mamba2", **{"mesh.sequence": 4})  # not split yet: say so
+  with pytest.raises(ConfigError) as e:
+    config_lib.validate(c, num_devices=8)
+  assert e.value.field == "mesh.sequence" and "landmark" in str(e.value)
   c = tiny_config(**{"mesh.sequence": 4})
   config_lib.validate(c, num_devices=8)
   assert config_lib.mesh_shape(c.mesh, 8) == {"data": 2, "fsdp": 1, "tensor": 1,
