@@ -106,18 +106,23 @@ def test_training_split_over_sequence_matches_one_device(monkeypatch):
   assert len(set(single)) == len(single)  # the updates were applied
 
 
+def hybrid_lm(width: int, *, state: int, chunk: int, impl: str):
+  """A 3-layer attention + Mamba2 + Gated DeltaNet LM (vocabulary = 2 x width)."""
+  c = config_lib.base_config().model
+  c.vocab_size, c.d_model, c.num_layers, c.mlp_ratio, c.remat = 2 * width, width, 3, 2.0, False
+  c.pattern = "attention,mamba2,gated_deltanet"
+  c.mixers = ml_collections.ConfigDict({
+      "attention": {"num_heads": 2},
+      "mamba2": {"d_state": state, "head_dim": state, "chunk_size": chunk, "impl": impl},
+      "gated_deltanet": {"num_heads": 2, "chunk_size": chunk, "impl": impl}})
+  return model_lib.LM(c, rngs=nnx.Rngs(0))
+
+
 def test_prefill_split_over_sequence_then_decode_gives_the_same_tokens(monkeypatch):
   """A hybrid LM (attention, Mamba2, Gated DeltaNet, short convolutions): the 48-token
   prompt prefilled in chunks of 16 split over 4 devices (x 2 data), then 32 greedy tokens,
   equals the single-device run; the split recurrences ran with the carried state."""
-  c = config_lib.base_config().model
-  c.vocab_size, c.d_model, c.num_layers, c.mlp_ratio, c.remat = 64, 32, 3, 2.0, False
-  c.pattern = "attention,mamba2,gated_deltanet"
-  c.mixers = ml_collections.ConfigDict({
-      "attention": {"num_heads": 2},
-      "mamba2": {"d_state": 8, "head_dim": 8, "chunk_size": 4, "impl": "xla"},
-      "gated_deltanet": {"num_heads": 2, "chunk_size": 4, "impl": "xla"}})
-  model = model_lib.LM(c, rngs=nnx.Rngs(0))
+  model = hybrid_lm(32, state=8, chunk=4, impl="xla")
   model.embed[...] = model.embed[...] * 4.0  # sharper logits: no near-ties in greedy choices
   prompt = jax.random.randint(jax.random.key(1), (2, 48), 0, 64)
   split = []
@@ -165,14 +170,7 @@ def test_split_hybrid_train_step_exports_for_tpu_with_pallas_kernels():
   collective-permute / all-gather."""
   import optax  # pylint: disable=g-import-not-at-top
   from jax.sharding import AbstractMesh, AxisType, NamedSharding  # pylint: disable=g-import-not-at-top
-  c = config_lib.base_config().model
-  c.vocab_size, c.d_model, c.num_layers, c.mlp_ratio, c.remat = 128, 128, 3, 2.0, False
-  c.pattern = "attention,mamba2,gated_deltanet"
-  c.mixers = ml_collections.ConfigDict({
-      "attention": {"num_heads": 2},
-      "mamba2": {"d_state": 64, "head_dim": 64, "chunk_size": 64, "impl": "pallas_tpu"},
-      "gated_deltanet": {"num_heads": 2, "chunk_size": 64, "impl": "pallas_tpu"}})
-  graphdef, params = nnx.split(model_lib.LM(c, rngs=nnx.Rngs(0)))
+  graphdef, params = nnx.split(hybrid_lm(128, state=64, chunk=64, impl="pallas_tpu"))
   params = nnx.to_pure_dict(params)
   tx = optax.adamw(1e-3)
   mesh = AbstractMesh((1, 4), ("data", context_parallel.AXIS), axis_types=(AxisType.Auto,) * 2)
