@@ -85,8 +85,9 @@ def _losses(config, devices):
 
 def test_training_split_over_sequence_matches_one_device(monkeypatch):
   """Mamba2 (short convolutions + SSD) and sliding-window attention, 5 steps: T split over
-  4 devices (x 2 data) gives the single-device losses, and the split run really took the
-  context-parallel paths (halos for the convolutions and the window, the state hand-off)."""
+  4 devices (x 2 data), and over 2 (x 2 data x 2 tensor), give the single-device losses,
+  and the split run really took the context-parallel paths (halos for the convolutions and
+  the window, the state hand-off)."""
   traced = []
   attention_module = sys.modules["layers.context_parallel.attention"]
   for module, name in ((context_parallel.primitives, "halo"), (attention_module, "halo"),
@@ -99,10 +100,15 @@ def test_training_split_over_sequence_matches_one_device(monkeypatch):
   split = _losses(c, jax.devices())
   assert set(traced) == {"halo", "exclusive_affine_prefix"}
   traced.clear()
-  c.mesh.sequence = 1
+  c.mesh.sequence, c.mesh.tensor = 2, 2  # with tensor parallelism: (data, tensor, seq) 2x2x2
+  split_tp = _losses(c, jax.devices())
+  assert set(traced) == {"halo", "exclusive_affine_prefix"}
+  c.mesh.sequence, c.mesh.tensor = 1, 1
+  traced.clear()
   single = _losses(c, jax.devices()[:1])
   assert not traced  # mesh.sequence = 1: the plain code
   np.testing.assert_allclose(split, single, rtol=1e-5)
+  np.testing.assert_allclose(split_tp, single, rtol=1e-5)
   assert len(set(single)) == len(single)  # the updates were applied
 
 
