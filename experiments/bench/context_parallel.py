@@ -104,7 +104,8 @@ def context_parallel_benchmark(mixers, sizes, seq_len, d_model, budget_mb=0,
   for name in mixers:
     per_n = {n: memory(name, n, seq_len, d_model) for n in sizes}
     base = per_n[sizes[0]]["temp"]
-    rows[name] = {str(n): dict(m, temp_fraction=m["temp"] / base) for n, m in per_n.items()}
+    rows[name] = {str(n): dict(m, temp_mib=round(m["temp"] / 2**20, 1),
+                               temp_fraction=m["temp"] / base) for n, m in per_n.items()}
     if budget_mb:
       for n in sizes:
         rows[name][str(n)]["longest_T_in_budget"] = longest_fit(
