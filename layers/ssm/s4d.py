@@ -23,9 +23,11 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from kernels.common import PALLAS_IMPLS
 from layers import context_parallel
+from layers.context_parallel.primitives import TIME, shard_map
 from layers.common import ConfigError, Linear, check, check_pos_int, doc_starts, param
 from layers.ssm.common import check_dt_range, check_impl, check_x, const_init, uniform_init
 
@@ -83,6 +85,14 @@ def s4d_imag_init(init: str, n_state: int) -> jax.Array:
   raise ConfigError("init", f"must be one of {', '.join(S4D_INITS)} (got {init!r})")
 
 
+def _fft_causal_conv(u: jax.Array, k: jax.Array) -> jax.Array:
+  """Causal convolution of u [B, T, H] with k [H, T] by FFT of length 2T -> [B, T, H] fp32."""
+  t = u.shape[1]
+  k_f = jnp.fft.rfft(k, n=2 * t, axis=-1)  # [H, T+1]
+  u_f = jnp.fft.rfft(u.astype(jnp.float32), n=2 * t, axis=1)  # [B, T+1, H]
+  return jnp.fft.irfft(u_f * k_f.T[None], n=2 * t, axis=1)[:, :t]
+
+
 class S4D(nnx.Module):
   """Diagonal S4 (Gu et al. 2022): H = d_model independent complex diagonal SSMs.
 
@@ -97,8 +107,9 @@ class S4D(nnx.Module):
 
   Parallel form: the causal convolution with the materialised kernel by FFT (length 2T, so
   the circular convolution is the linear one). Over a ``sequence`` mesh axis (context
-  parallelism) the layer runs the recurrence split over the shards instead
-  (``layers.context_parallel.diagonal_recurrence``; the FFT would need the whole sequence).
+  parallelism) each shard convolves its tokens by FFT and adds the earlier shards' modes
+  (``ssm_fft_split``); with segment ids the recurrence is split
+  (``layers.context_parallel.diagonal_recurrence``).
   The FFT convolution cannot respect document
   boundaries, so with ``segment_ids`` the layer runs the recurrence through
   ``diagonal_recurrence`` with ``reset`` at document starts (O(T N) work, exact isolation).
@@ -151,11 +162,35 @@ class S4D(nnx.Module):
 
   def ssm_fft(self, u: jax.Array) -> jax.Array:
     """y = K * u (causal), u [B, T, H] -> [B, T, H] fp32, by FFT of length 2T."""
-    t = u.shape[1]
-    k = self.kernel(t)  # [H, T]
-    k_f = jnp.fft.rfft(k, n=2 * t, axis=-1)  # [H, T+1]
-    u_f = jnp.fft.rfft(u.astype(jnp.float32), n=2 * t, axis=1)  # [B, T+1, H]
-    return jnp.fft.irfft(u_f * k_f.T[None], n=2 * t, axis=1)[:, :t]
+    return _fft_causal_conv(u, self.kernel(u.shape[1]))
+
+  def ssm_fft_split(self, u: jax.Array) -> jax.Array:
+    """``ssm_fft`` over a ``sequence`` mesh axis (context parallelism): each shard
+    convolves its own L tokens by FFT (a zero state at its start) and adds what the earlier
+    shards leave in the modes. With ``P[h, n, l] = exp(l dtA)``:
+
+        B_r = b_bar * sum_s P[L - 1 - s] u_s      shard's final state from zero
+        log A_r = L dtA                           its decay (the same for every shard)
+        h_in = exclusive prefix over shards       (``exclusive_affine_prefix``, complex)
+        y_t += 2 Re sum_n C_n exp((t + 1) dtA_n) h_in,n
+
+    so the layer never holds more than one shard's ``[H, N/2, L]`` powers (the unsplit FFT
+    holds ``[H, N/2, T]``) and no per-token states."""
+    dta, b_bar, c = self.discretize()
+    mesh = context_parallel.sequence_mesh(u.shape[1])
+
+    def body(ul, dta, b_bar, c):
+      length = ul.shape[1]
+      pows = jnp.exp(dta[..., None] * jnp.arange(length, dtype=jnp.float32))  # [H, N/2, L]
+      y = _fft_causal_conv(ul, 2.0 * jnp.einsum("hn,hnl->hl", c * b_bar, pows).real)
+      u32 = ul.astype(jnp.float32)
+      b_r = b_bar * jnp.einsum("blh,hnl->bhn", u32.astype(pows.dtype), pows[..., ::-1])
+      log_a = jnp.broadcast_to(length * dta, b_r.shape)
+      h_in, _ = context_parallel.exclusive_affine_prefix(log_a, b_r)
+      return y + 2.0 * jnp.einsum("bhn,hnl->blh", c * jnp.exp(dta) * h_in, pows).real
+
+    return shard_map(body, mesh, (TIME, P(), P(), P()), TIME, check_vma=False)(
+        u, dta, b_bar, c)
 
   def ssm_scan(self, u: jax.Array, *, reset=None, initial_state=None):
     """The recurrence: u [B, T, H] -> (y [B, T, H] fp32, final state complex [B, H, N/2])."""
@@ -177,9 +212,9 @@ class S4D(nnx.Module):
   def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
     """x: [B, T, D]; segment_ids: [B, T] int or None -> [B, T, D]."""
     check_x(x, self.d_model, "S4D")
-    if (segment_ids is None and self.cfg.parallel == "fft"
-        and context_parallel.sequence_mesh(x.shape[1]) is None):
-      y = self.ssm_fft(x)
+    if segment_ids is None and self.cfg.parallel == "fft":
+      split = context_parallel.sequence_mesh(x.shape[1]) is not None
+      y = self.ssm_fft_split(x) if split else self.ssm_fft(x)
     else:
       y, _ = self.ssm_scan(x, reset=doc_starts(segment_ids))
     return self._output(y, x)
