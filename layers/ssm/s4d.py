@@ -27,7 +27,7 @@ from jax.sharding import PartitionSpec as P
 
 from kernels.common import PALLAS_IMPLS
 from layers import context_parallel
-from layers.context_parallel.primitives import TIME, shard_map
+from layers.context_parallel import primitives as cp_primitives
 from layers.common import ConfigError, Linear, check, check_pos_int, doc_starts, param
 from layers.ssm.common import check_dt_range, check_impl, check_x, const_init, uniform_init
 
@@ -189,8 +189,9 @@ class S4D(nnx.Module):
       h_in, _ = context_parallel.exclusive_affine_prefix(log_a, b_r)
       return y + 2.0 * jnp.einsum("bhn,hnl->blh", c * jnp.exp(dta) * h_in, pows).real
 
-    return shard_map(body, mesh, (TIME, P(), P(), P()), TIME, check_vma=False)(
-        u, dta, b_bar, c)
+    time = cp_primitives.TIME
+    return cp_primitives.shard_map(body, mesh, (time, P(), P(), P()), time,
+                                   check_vma=False)(u, dta, b_bar, c)
 
   def ssm_scan(self, u: jax.Array, *, reset=None, initial_state=None):
     """The recurrence: u [B, T, H] -> (y [B, T, H] fp32, final state complex [B, H, N/2])."""
