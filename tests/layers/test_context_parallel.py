@@ -325,10 +325,11 @@ def test_mixer_split_over_sequence_equals_unsplit(name, monkeypatch):
   x = jax.random.normal(jax.random.key(3), (B, T, D))
   ct = jax.random.normal(jax.random.key(4), (B, T, D))
   fn = _fwd_bwd(graphdef, ct)
-  # Packed documents everywhere; swa and s4d also unpacked (the unsplit call's
-  # block-sparse kernel / FFT convolution against the split forms).
+  # Packed documents everywhere; swa, s4d and titans_lmm also unpacked (the unsplit call's
+  # block-sparse kernel / FFT convolution / aligned memory pass against the split forms).
   sizes = (2, 4, 8) if ALL else (SIZE[name],)
-  cases = [(True, n) for n in sizes] + ([(False, 4)] if name in ("swa", "s4d") else [])
+  cases = [(True, n) for n in sizes] + (
+      [(False, 4)] if name in ("swa", "s4d", "titans_lmm") else [])
   # The split path is really taken (not XLA's partitioner gathering the whole sequence).
   split_calls = []
   for module in (cp.primitives, cp.recurrence, sys.modules["layers.context_parallel.attention"]):
