@@ -46,8 +46,10 @@ train: $(VENV)/.base
 	$(PY) -m experiments.train --config=$(CONFIG) --workdir=$(WORKDIR)
 	@echo "Results: $(WORKDIR)/summary.json, metrics $(WORKDIR)/metrics.jsonl, TensorBoard: $(WORKDIR)/tb, checkpoints $(WORKDIR)/checkpoints"
 
+# `-m "not experiment"` (also setup.cfg's default): experiment-scale tests stay out; run them
+# with `$(PY) -m pytest -m experiment ...` (docs/performance.md, "Test-suite time").
 test: $(VENV)/.dev
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not experiment" $(PYTEST_ARGS)
 
 # Layer throughput vs the published peers (mamba2-jax, titans-pytorch), in one process.
 bench: $(VENV)/.bench

@@ -465,7 +465,7 @@ def test_grouped_qk_equals_repeated_qk(kind, impl, chunk_size):
                                 chunk_size=chunk_size, impl=impl, interpret=impl in PALLAS)
       return jnp.sum(o * wo) + jnp.sum(sf), (o, sf)
     argnums = (0, 1, 2, 4) if g is None else (0, 1, 2, 3, 4)
-    return jax.jit(jax.value_and_grad(loss, argnums=argnums, has_aux=True))(q, k, v, g, s0)
+    return _jit(jax.value_and_grad(loss, argnums=argnums, has_aux=True))(q, k, v, g, s0)
 
   (_, (o_g, s_g)), d_g = run(False)
   (_, (o_r, s_r)), d_r = run(True)
@@ -493,12 +493,12 @@ def test_pair_decays_equal_the_dense_exact_form_and_its_autodiff_gradient():
   seg = jnp.cumsum(jax.random.uniform(ks[1], (3, 1, c)) < 0.03, axis=-1)
   mask = jnp.tril(jnp.ones((c, c), bool)) & (seg[..., :, None] == seg[..., None, :])
   dense = lambda g: jnp.exp(jnp.where(mask, segment_sum(g), -jnp.inf))
-  got, want = pair_decays(g, mask), dense(g)
+  got, want = _jit(lambda g: pair_decays(g, mask))(g), _jit(dense)(g)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-30)  # fp32 rounding of ~50-term sums
   assert float(jnp.sum(got)) > c  # not all masked
   w = jax.random.normal(ks[2], want.shape)
-  d_got = jax.grad(lambda g: jnp.sum(pair_decays(g, mask) * w))(g)
-  d_want = jax.grad(lambda g: jnp.sum(dense(g) * w))(g)
+  d_got = _jit(jax.grad(lambda g: jnp.sum(pair_decays(g, mask) * w)))(g)
+  d_want = _jit(jax.grad(lambda g: jnp.sum(dense(g) * w)))(g)
   np.testing.assert_allclose(d_got, d_want, rtol=0, atol=1e-5 * float(jnp.abs(d_want).max()))
 
 
@@ -529,7 +529,7 @@ def test_causal_tiles_match_reference(monkeypatch, tile, chunk_size):
                               chunk_size=chunk_size, impl="xla")
     return jnp.sum(o * wo) + jnp.sum(sf * ws), (o, sf)
 
-  (_, (o, s)), grads = jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True)(
+  (_, (o, s)), grads = _jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True))(
       x["q"], x["k"], x["v"], x["log_decay"], x["initial_state"], x["reset"])
   assert calls == [tile]  # traced once (the scan step), with the patched tile
   assert _per_head_rel_err(o_r, o) < 1e-5 and _per_head_rel_err(s_r, s) < 1e-5
@@ -537,11 +537,12 @@ def test_causal_tiles_match_reference(monkeypatch, tile, chunk_size):
     assert _per_head_rel_err(gr, gg) < 1e-4, name
   # grouped q/k (one group, two heads) through the tiled path == repeated q/k
   q1, k1 = x["q"][:, :, :1], x["k"][:, :, :1]
-  grouped = linear_recurrence(q1, k1, x["v"], x["log_decay"], reset=x["reset"],
-                              chunk_size=chunk_size, impl="xla")[0]
-  repeated = linear_recurrence(jnp.repeat(q1, H, 2), jnp.repeat(k1, H, 2), x["v"],
-                               x["log_decay"], reset=x["reset"], chunk_size=chunk_size,
-                               impl="reference")[0]
+  grouped = _jit(lambda q, k, v, g, r: linear_recurrence(
+      q, k, v, g, reset=r, chunk_size=chunk_size, impl="xla")[0])(
+          q1, k1, x["v"], x["log_decay"], x["reset"])
+  repeated = _jit(lambda q, k, v, g, r: linear_recurrence(
+      jnp.repeat(q, H, 2), jnp.repeat(k, H, 2), v, g, reset=r, chunk_size=chunk_size,
+      impl="reference")[0])(q1, k1, x["v"], x["log_decay"], x["reset"])
   assert _per_head_rel_err(repeated, grouped) < 1e-5
 
 
@@ -556,7 +557,7 @@ def test_causal_tiles_at_the_production_tile():
   v = jax.random.normal(ks[2], (1, t, 2, 8))
   g = -jax.nn.softplus(jax.random.normal(ks[3], (1, t, 2)))
   reset = (jax.random.uniform(ks[4], (1, t)) < 0.01).at[0, c + CAUSAL_TILE].set(True)
-  f = lambda impl: jax.jit(jax.value_and_grad(
+  f = lambda impl: _jit(jax.value_and_grad(
       lambda q, k, v, g: jnp.sum(jnp.sin(linear_recurrence(
           q, k, v, g, reset=reset, chunk_size=c, impl=impl)[0])), argnums=(0, 1, 2, 3)))
   (l_r, g_r), (l_x, g_x) = f("reference")(q, k, v, g), f("xla")(q, k, v, g)

@@ -20,7 +20,10 @@ PROMPT, NEW = 5, 7
 
 def tiny_lm(name):
   c = config_lib.base_config().model
-  c.vocab_size, c.d_model, c.num_layers, c.pattern, c.mlp_ratio = V, D, 2, name, 2.0
+  # One layer: each mixer's prefill and decode through generate() is what is tested here;
+  # states carried across several layers are tested in test_model.py (and compile time
+  # grows with the layers).
+  c.vocab_size, c.d_model, c.num_layers, c.pattern, c.mlp_ratio = V, D, 1, name, 2.0
   c.remat = False  # compile time; remat is tested in test_model.py
   c.mixers = ml_collections.ConfigDict({name: dict(OVERRIDES.get(name, {}))})
   m = model_lib.LM(c, rngs=nnx.Rngs(0))
