@@ -1,6 +1,12 @@
-"""For every registered mixer, at the LM level: packed documents give the logits of the
-document alone, and greedy decoding through ``step`` equals re-running the parallel
-forward on the growing sequence. Sampling filters."""
+"""At the LM level: packed documents give the logits of the document alone, and greedy
+decoding through ``generate`` (``step`` on a prefill chunk, then a ``lax.scan`` of one-token
+steps) equals re-running the parallel forward on the growing sequence. Sampling filters.
+
+generate() and the LM's step are the same code for every mixer; what differs is the
+mixer's state. Every registered mixer's step is checked against its parallel form (token by
+token, uneven chunks, with ``init_state(max_len=...)`` as here), its packed documents, and
+its state keeping the initial structure, shapes and dtypes (the scan carry), in
+tests/layers/test_mixer_contract.py. Here: one mixer per kind of decode state (GENERATE)."""
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +22,12 @@ from tests.layers.test_mixer_contract import OVERRIDES
 
 V, D = 48, 16
 PROMPT, NEW = 5, 7
+# A KV cache sized by max_len, a sliding-window cache, the landmark layout hook (the only
+# mixer that changes the LM's sequence layout) with its block cache, a fixed-size SSM state,
+# a delta-rule matrix state with a short-convolution tail, neural memory weights and
+# momentum with a segment buffer, and cached segment states.
+GENERATE = ("attention", "swa", "landmark", "mamba2", "gated_deltanet", "titans_mac",
+            "memory_caching")
 
 
 def tiny_lm(name):
@@ -32,7 +44,11 @@ def tiny_lm(name):
   return m
 
 
-@pytest.mark.parametrize("name", registry.names())
+def test_generate_mixers_are_registered():
+  assert set(GENERATE) <= set(registry.names())
+
+
+@pytest.mark.parametrize("name", GENERATE)
 def test_packing_and_greedy_decode(name):
   m = tiny_lm(name)
   fwd = nnx.jit(lambda m, t, s: m(t, s))
