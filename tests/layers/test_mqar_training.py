@@ -15,9 +15,9 @@ Two tests:
   (titans_mal)), a 1-layer model, 120 steps. Every registered mixer's gradient is checked
   against finite differences, and its parallel / step / packed forms against each other,
   in test_mixer_contract.py; MoM's auxiliary loss through the trainer in test_mom.py.
-- `experiment` (deselected by `make test`; `pytest -m experiment tests/layers/test_mqar_training.py`,
-  ~7 minutes on one core): every registered mixer, 2 layers, 200 steps (a new layer family
-  is covered by registering it).
+- `experiment` (deselected by `make test`; run it with
+  `pytest -m experiment tests/layers/test_mqar_training.py`, ~7 minutes on one core): every
+  registered mixer, 2 layers, 200 steps (a new layer family is covered by registering it).
 
 Measured when written (d_model 32, vocab 16, seq 16, 2 pairs, batch 32, lr 1e-2; loss of
 the last 10 steps / loss of the first 5). 2 layers, 200 steps: attention 0.006, swa 0.05,

@@ -354,21 +354,15 @@ def test_bf16_compute_is_finite_and_close(mixers, x):
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_every_slow_parameter_gets_a_finite_nonzero_gradient(mixers, x, name):
-  c = mixers[name]
-  proj = jax.random.normal(jax.random.key(9), x.shape)
-
-  def loss(p):
-    return jnp.sum(nnx.merge(c.graphdef, p)(x) * proj)
-
-  grads = nnx.to_pure_dict(jit_fast(jax.grad(loss))(c.params))
-  names = set()
-  for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]:
-    g = np.asarray(g)
-    key = "/".join(str(getattr(p, "key", p)) for p in path)
-    names.add(key)
-    assert np.all(np.isfinite(g)), key
-    assert np.max(np.abs(g)) > 0, f"zero gradient for {key}"
+def test_the_slow_parameters_are_parameters(mixers, name):
+  """The memory's initial weights, its gates, projections, convolution and the persistent
+  tokens are trained parameters. That each gets a finite, nonzero gradient is checked for
+  every registered mixer by tests/layers/test_mixer_contract.py
+  (test_every_parameter_gets_a_finite_nonzero_gradient; its OVERRIDES are these
+  configurations, with chunk size 2 for titans_mac)."""
+  params = nnx.to_pure_dict(mixers[name].params)
+  names = {"/".join(str(getattr(p, "key", p)) for p in path)
+           for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
   expect = ["memory_0", "memory_1", "gate_w", "gate_b", "q/kernel", "conv/k/kernel", "out"]
   if name != "titans_lmm":
     expect.append("attn/persistent")
