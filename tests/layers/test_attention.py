@@ -12,6 +12,7 @@ from flax import nnx
 
 from layers.attention import Attention, AttentionConfig, apply_rope
 from layers.common import ConfigError
+from tests.kernels.helpers import jit_fast  # XLA level 0: these checks are compile-bound
 
 B, T, D = 2, 10, 16
 
@@ -80,7 +81,7 @@ def seg():
 @pytest.mark.parametrize("case", list(CASES))
 def test_matches_naive(case, x, seg):
   m = Attention(D, CASES[case], rngs=nnx.Rngs(5))
-  fwd = nnx.jit(lambda m, x, s: m(x, segment_ids=s))
+  fwd = jit_fast(lambda m, x, s: m(x, segment_ids=s))
   y = fwd(m, x, seg)
   ref = naive_attention(m, np.asarray(x), np.asarray(seg))
   np.testing.assert_allclose(y, ref, atol=2e-5 * max(1.0, np.abs(ref).max()), rtol=0)
@@ -123,14 +124,14 @@ def test_bf16_close_to_fp32(x):
   m32 = Attention(D, cfg, rngs=nnx.Rngs(2))
   m16 = Attention(D, cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(2))
   assert m16.q.kernel[...].dtype == jnp.float32  # params stay fp32
-  y32 = nnx.jit(lambda m, x: m(x))(m32, x)
-  y16 = nnx.jit(lambda m, x: m(x))(m16, x)
+  y32 = jit_fast(lambda m, x: m(x))(m32, x)
+  y16 = jit_fast(lambda m, x: m(x))(m16, x)
   assert y16.dtype == jnp.bfloat16
   rel = jnp.sqrt(jnp.mean((y16.astype(jnp.float32) - y32) ** 2) / jnp.mean(y32 ** 2))
   assert float(rel) < 2e-2
   # bf16 decoding with a bf16 cache runs and agrees too.
   state = m16.init_state(B, jnp.bfloat16, max_len=T)
-  y_step, state = nnx.jit(lambda m, x, s: m.step(x, s))(m16, x, state)
+  y_step, state = jit_fast(lambda m, x, s: m.step(x, s))(m16, x, state)
   assert y_step.dtype == jnp.bfloat16 and state["k"].dtype == jnp.bfloat16
   rel = jnp.sqrt(jnp.mean((y_step.astype(jnp.float32) - y32) ** 2) / jnp.mean(y32 ** 2))
   assert float(rel) < 2e-2
@@ -140,8 +141,8 @@ def test_full_cache_overflow_is_sliding_window(x):
   """Past max_len tokens a full-attention cache behaves as a window of max_len, for any split."""
   m_full = Attention(D, AttentionConfig(num_heads=2), rngs=nnx.Rngs(4))
   m_win = Attention(D, AttentionConfig(num_heads=2, window=4), rngs=nnx.Rngs(4))
-  y_win = nnx.jit(lambda m, x: m(x))(m_win, x)
-  step = nnx.jit(lambda m, x, s: m.step(x, s))
+  y_win = jit_fast(lambda m, x: m(x))(m_win, x)
+  step = jit_fast(lambda m, x, s: m.step(x, s))
   for sizes in ([1] * T, [3, 7]):
     state = m_full.init_state(B, max_len=4)
     assert state["k"].shape == (B, 4, 2, D // 2)
@@ -154,7 +155,7 @@ def test_full_cache_overflow_is_sliding_window(x):
     np.testing.assert_array_equal(state["slot_pos"], np.arange(T - 4, T))
     assert int(state["pos"]) == T
   # ... and differs from true full attention, so the check above is not vacuous.
-  y_full = nnx.jit(lambda m, x: m(x))(m_full, x)
+  y_full = jit_fast(lambda m, x: m(x))(m_full, x)
   assert float(jnp.max(jnp.abs(y_full - y_win))) > 1e-3
 
 
@@ -198,13 +199,13 @@ def test_positions_restart_at_document_start(monkeypatch, x):
 
   monkeypatch.setattr(attention_lib, "apply_rope", absolute)
   m = Attention(D, AttentionConfig(num_heads=2), rngs=nnx.Rngs(6))
-  fwd = nnx.jit(lambda m, x, s: m(x, segment_ids=s))
+  fwd = jit_fast(lambda m, x, s: m(x, segment_ids=s))
   seg = jnp.array([[0] * 4 + [1] * 6] * B, jnp.int32)
   y = fwd(m, x, seg)
   np.testing.assert_allclose(y[:, 4:], fwd(m, x[:, 4:], None), atol=1e-5)
   # The encoding is not shift-invariant, so the check above can fail: shifting doc 2's
   # positions by 4 (what a missing restart would do) moves its outputs.
-  y_shift = nnx.jit(lambda m, x: m._attend(*m._qkv(x, jnp.arange(4, 10)),  # pylint: disable=protected-access
+  y_shift = jit_fast(lambda m, x: m._attend(*m._qkv(x, jnp.arange(4, 10)),  # pylint: disable=protected-access
                                            jnp.tril(jnp.ones((6, 6), bool))[None]))(m, x[:, 4:])
   assert float(jnp.max(jnp.abs(y_shift - y[:, 4:]))) > 1e-3
 
@@ -239,20 +240,20 @@ def test_window_kernel_path_matches_dense(t, cfg, monkeypatch):
   x = jax.random.normal(jax.random.key(7), (B, t, D), jnp.float32)
   m = Attention(D, cfg, rngs=nnx.Rngs(8))
   assert m.uses_block_sparse(t) and not m.uses_block_sparse(t, jnp.zeros((B, t), jnp.int32))
-  y = nnx.jit(lambda m, x: m(x))(m, x)
+  y = jit_fast(lambda m, x: m(x))(m, x)
   # the kernel ran, on T padded up to a multiple of the block
   assert calls == [((B, 32, cfg.num_heads, D // cfg.num_heads), BS, cfg.window)]
   assert y.shape == (B, t, D)
-  y_dense = nnx.jit(_dense_window)(m, x)
+  y_dense = jit_fast(_dense_window)(m, x)
   np.testing.assert_allclose(y, y_dense, atol=1e-5, rtol=0)
   np.testing.assert_allclose(y, naive_attention(m, np.asarray(x), None), atol=2e-5, rtol=0)
   # gradients w.r.t. x through the kernel's custom VJP agree with the dense path's
   w = jax.random.normal(jax.random.key(9), (B, t, D), jnp.float32)
-  grad = lambda f: nnx.jit(lambda m, x: jax.grad(lambda x: jnp.sum(f(m, x) * w))(x))(m, x)
+  grad = lambda f: jit_fast(lambda m, x: jax.grad(lambda x: jnp.sum(f(m, x) * w))(x))(m, x)
   np.testing.assert_allclose(grad(lambda m, x: m(x)), grad(_dense_window), atol=1e-5, rtol=0)
   # the window acts at this length (so the comparison is not one of full causal attention)
   m_full = Attention(D, dataclasses.replace(cfg, window=None), rngs=nnx.Rngs(8))
-  assert float(jnp.max(jnp.abs(nnx.jit(lambda m, x: m(x))(m_full, x) - y))) > 1e-3
+  assert float(jnp.max(jnp.abs(jit_fast(lambda m, x: m(x))(m_full, x) - y))) > 1e-3
 
 
 def test_window_with_segments_keeps_exact_dense_path(monkeypatch):
@@ -267,7 +268,7 @@ def test_window_with_segments_keeps_exact_dense_path(monkeypatch):
   m = Attention(D, cfg, rngs=nnx.Rngs(1))
   x = jax.random.normal(jax.random.key(2), (B, 32, D), jnp.float32)
   seg = jnp.array([[0] * 13 + [1] * 19, [0] * 30 + [4] * 2], jnp.int32)
-  y = nnx.jit(lambda m, x, s: m(x, segment_ids=s))(m, x, seg)
+  y = jit_fast(lambda m, x, s: m(x, segment_ids=s))(m, x, seg)
   np.testing.assert_allclose(y, naive_attention(m, np.asarray(x), np.asarray(seg)), atol=2e-5)
 
 

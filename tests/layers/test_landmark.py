@@ -18,6 +18,7 @@ from layers import landmark as landmark_lib
 from layers import landmark_tokens
 from lcm import model as model_lib
 from lcm import registry
+from tests.kernels.helpers import jit_fast  # XLA level 0: these checks are compile-bound
 
 B, D, H, BS = 2, 16, 2, 4
 
@@ -72,8 +73,8 @@ def naive_heads(m, x, *, exact_len, top_k, keep_previous=False):
   return out
 
 
-_fwd = nnx.jit(lambda m, x: m(x))
-_step = nnx.jit(lambda m, x, s: m.step(x, s))
+_fwd = jit_fast(lambda m, x: m(x))
+_step = jit_fast(lambda m, x, s: m.step(x, s))
 
 
 def project(m, heads):
@@ -110,7 +111,7 @@ def test_keep_previous_matches_float64_loop_in_every_form(x, top_k):
   y, _ = _step(m, x, m.init_state(B))
   np.testing.assert_allclose(np.asarray(y), want, atol=2e-5, rtol=0)
   seg = jnp.array([[0] * 9 + [1] * 13] * B)
-  packed = np.asarray(nnx.jit(lambda m, x, s: m(x, s))(m, x, seg))
+  packed = np.asarray(jit_fast(lambda m, x, s: m(x, s))(m, x, seg))
   np.testing.assert_allclose(packed[:, :9], np.asarray(_fwd(m, x[:, :9])), atol=2e-5, rtol=0)
   np.testing.assert_allclose(packed[:, 9:], np.asarray(_fwd(m, x[:, 9:])), atol=2e-5, rtol=0)
   plain = np.asarray(_fwd(make(exact_len=0, top_k=top_k), x))
@@ -133,7 +134,7 @@ def test_packed_rows_retrieve_like_documents_alone(x):
   alone (the blockwise form), with retrieval dropping blocks in both documents."""
   m = make(exact_len=4, top_k=1)
   seg = jnp.array([[0] * 9 + [1] * 13] * B)
-  packed = np.asarray(nnx.jit(lambda m, x, s: m(x, s))(m, x, seg))
+  packed = np.asarray(jit_fast(lambda m, x, s: m(x, s))(m, x, seg))
   np.testing.assert_allclose(packed[:, :9], np.asarray(_fwd(m, x[:, :9])), atol=2e-5, rtol=0)
   np.testing.assert_allclose(packed[:, 9:], np.asarray(_fwd(m, x[:, 9:])), atol=2e-5, rtol=0)
   full = np.asarray(_fwd(make(exact_len=64), x[:, 9:]))
@@ -187,7 +188,7 @@ def test_masked_out_scores_never_reach_the_gradient():
 
 def test_gradients_flow_through_gates_and_retrieval(x):
   m = make(exact_len=8, top_k=2)
-  g = nnx.jit(lambda m, xx: jax.grad(lambda z: jnp.sum(m(z) ** 2))(xx))(m, x)
+  g = jit_fast(lambda m, xx: jax.grad(lambda z: jnp.sum(m(z) ** 2))(xx))(m, x)
   assert np.all(np.isfinite(np.asarray(g))) and float(jnp.abs(g[:, :4]).max()) > 0
   # Perturbing an early token moves a late output only through retrieval / the gates.
   y = _fwd(m, x)
@@ -200,7 +201,7 @@ def test_host_memory_cache_matches_device_cache(x):
   host = make(exact_len=8, top_k=2, kv_memory="pinned_host")
   state = host.init_state(B)
   assert state["k"].sharding.memory_kind == "pinned_host"
-  y_host, new = nnx.jit(lambda m, xx, s: m.step(xx, s))(host, x, state)
+  y_host, new = jit_fast(lambda m, xx, s: m.step(xx, s))(host, x, state)
   y_dev, _ = _step(dev, x, dev.init_state(B))
   np.testing.assert_array_equal(np.asarray(y_host), np.asarray(y_dev))
   assert new["k"].sharding.memory_kind == "pinned_host"

@@ -20,6 +20,7 @@ from flax import nnx
 from layers import feature_maps as fm
 from layers import linear_attention as la
 from layers.common import ConfigError
+from tests.kernels.helpers import jit_fast  # XLA level 0: these checks are compile-bound
 
 B, T, D = 2, 11, 16
 # Row 0: two documents (boundary inside a chunk of 4); row 1: three documents.
@@ -121,7 +122,7 @@ def naive_conv(u, kernel, bias, seg_row):
 
 def forward(m, x, seg=None):
   graphdef, params = nnx.split(m)
-  fn = jax.jit(lambda p, x, s: nnx.merge(graphdef, p)(x, segment_ids=s))
+  fn = jit_fast(lambda p, x, s: nnx.merge(graphdef, p)(x, segment_ids=s))
   return np.asarray(fn(params, x, None if seg is None else jnp.asarray(seg)), np.float64)
 
 
@@ -385,7 +386,7 @@ def test_gated_deltanet_extreme_gates_are_finite(x):
   def loss(p, x):
     return jnp.sum(nnx.merge(graphdef, p)(x, segment_ids=seg) ** 2)
 
-  val, (gp, gx) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, x)
+  val, (gp, gx) = jit_fast(jax.value_and_grad(loss, argnums=(0, 1)))(params, x)
   assert bool(jnp.isfinite(val))
   assert bool(jnp.all(jnp.isfinite(gx))) and float(jnp.max(jnp.abs(gx))) > 0
   for leaf in jax.tree.leaves(gp):
@@ -490,8 +491,8 @@ def jrt():
   m = la.JRT(D, la.JRTConfig(num_heads=2, feature_dim=3, prefix_len=4, chunk_size=4),
              rngs=nnx.Rngs(0))
   graphdef, params = nnx.split(m)
-  fwd = jax.jit(lambda x, s: nnx.merge(graphdef, params)(x, segment_ids=s))
-  step = jax.jit(lambda x, st: nnx.merge(graphdef, params).step(x, st))
+  fwd = jit_fast(lambda x, s: nnx.merge(graphdef, params)(x, segment_ids=s))
+  step = jit_fast(lambda x, st: nnx.merge(graphdef, params).step(x, st))
   return m, fwd, step
 
 
