@@ -24,6 +24,9 @@ Crash safety, in three layers:
 Nothing here unpickles: Orbax stores arrays with TensorStore (zarr / OCDBT) and metadata as
 JSON, grain stores the iterator position as JSON, and the manifest is JSON.
 
+:class:`StopRequest` turns SIGTERM / SIGINT into "checkpoint after this step and stop" for
+the training loop (lcm/train.py; docs/operations.md).
+
 Restoration targets an abstract tree that carries the wanted shardings, so a checkpoint
 restores onto any mesh. The manifest is written and checked with local file I/O (the
 wrapper takes a local directory).
@@ -36,6 +39,8 @@ import hashlib
 import json
 import os
 import shutil
+import signal
+import threading
 import time
 from typing import Any
 
@@ -264,6 +269,49 @@ class Checkpointer:
     self._mngr.wait_until_finished()
     self._empty_trash()
     self._mngr.close()
+
+
+class StopRequest:
+  """SIGTERM / SIGINT -> ``signal_name`` is set; the training loop checks :meth:`requested`
+  after every step, checkpoints that step and returns. A second signal stops at once
+  (KeyboardInterrupt). Handlers are installed only in the main thread and only for one
+  process; a multi-process run relies on JAX's preemption sync point (SIGTERM on any host
+  stops every host at the same step). The previous handlers come back on exit."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self):
+    self.signal_name: str | None = None
+    self._old: dict = {}
+    self._multi = False
+
+  def __enter__(self) -> "StopRequest":
+    self._multi = jax.process_count() > 1
+    if not self._multi and threading.current_thread() is threading.main_thread():
+      for sig in self.SIGNALS:
+        self._old[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    for sig, old in self._old.items():  # None: a handler not set from Python
+      signal.signal(sig, signal.SIG_DFL if old is None else old)
+    self._old = {}
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.signal_name is not None:
+      raise KeyboardInterrupt(f"second signal ({signal.Signals(signum).name})")
+    self.signal_name = signal.Signals(signum).name
+
+  def requested(self, step: int) -> bool:
+    if self.signal_name is None and self._multi:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      try:
+        if multihost_utils.reached_preemption_sync_point(step):
+          self.signal_name = "preemption notice (SIGTERM)"
+      except RuntimeError:  # no preemption service: nothing to wait for
+        self._multi = False
+    return self.signal_name is not None
 
 
 def abstract_like(tree: Any, shardings: Any) -> Any:

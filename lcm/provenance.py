@@ -10,14 +10,25 @@ Every JSON under ``results/`` carries a ``provenance`` object made by :func:`rec
 (plots, tables) the same command wrote; ``python -m experiments.check_results`` (``make
 check-results``) compares ``commit`` with the last commit that touched ``code`` and lists every
 results file that is stale or that no JSON accounts for.
+
+Training runs (``lcm.train.run``) use the second half of this file: :class:`WorkdirLock`, one
+run per workdir (``<workdir>/.lock``, an ``fcntl.flock`` that dies with its process), and
+:func:`append_history`, one line of ``<workdir>/history.jsonl`` per (re)start made by
+:func:`start_record`; :func:`config_diff` names the fields a restart changed
+(docs/operations.md).
 """
 
 from __future__ import annotations
 
 import datetime
+import errno
+import fcntl
+import importlib.metadata
+import json
 import os
 import pathlib
 import shlex
+import socket
 import subprocess
 import sys
 from typing import Any, Iterable, Mapping
@@ -26,6 +37,11 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 # What most results measure: the model code. Experiments add their own entry point.
 DEFAULT_CODE = ("kernels", "layers", "lcm")
+
+
+def utc_now() -> str:
+  """The current UTC time, ``2026-12-07T14:02:11Z``."""
+  return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def git(*args: str, cwd: pathlib.Path = ROOT) -> str | None:
@@ -77,7 +93,7 @@ def record(code: Iterable[str] = DEFAULT_CODE, outputs: Iterable[str | os.PathLi
       "command": command or command_line(),
       "commit": commit(),
       "dirty": dirty(code),
-      "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+      "date": utc_now(),
       "code": code,
       "outputs": sorted(out),
   }
@@ -103,3 +119,178 @@ def _repo_path(p: str | os.PathLike) -> str:
     return path.resolve().relative_to(ROOT).as_posix()
   except ValueError:
     return path.as_posix()
+
+
+# ----------------------------------------------------------------------------- training runs
+
+LOCK_FILE = ".lock"
+HISTORY_FILE = "history.jsonl"
+# The packages whose versions a training history line records.
+_PACKAGES = ("lcm", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain",
+             "ml-collections", "numpy")
+
+
+class WorkdirBusyError(RuntimeError):
+  """Another live process holds the workdir's lock."""
+
+
+def _holder_text(holder: Mapping[str, Any]) -> str:
+  if not holder:
+    return "a process that recorded no details"
+  return (f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')} "
+          f"(started {holder.get('started', '?')})")
+
+
+class WorkdirLock:
+  """``<workdir>/.lock``: an exclusive ``fcntl.flock`` held for the life of a run.
+
+  :meth:`acquire` never waits: when a live process holds the lock it raises
+  :class:`WorkdirBusyError` naming that process (pid, host, start time, command), read from
+  the JSON the holder wrote into the file. The kernel drops a flock when its process dies
+  (SIGKILL included), so a lock file whose lock nobody holds is stale: :meth:`acquire` takes
+  it over and returns what the dead holder had written. :meth:`release` removes the file
+  (while still holding the lock; a process that opened the old file sees that it was
+  replaced and tries again). Filesystems without flock (some FUSE mounts) give a warning on
+  stderr and no lock.
+  """
+
+  def __init__(self, workdir: str | os.PathLike):
+    self.path = os.path.join(os.fspath(workdir), LOCK_FILE)
+    self.fd: int | None = None
+
+  def acquire(self, command: str | None = None) -> dict | None:
+    """Takes the lock; returns the stale holder's record (``{}`` when it wrote none) or
+    None when there was no stale lock. Raises WorkdirBusyError when the lock is held."""
+    while True:
+      fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+      try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except OSError as e:
+        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+          os.close(fd)
+          print(f"lcm: WARNING: cannot lock {self.path} ({e.strerror}); running without a "
+                "workdir lock: nothing stops a second run on this workdir", file=sys.stderr)
+          return None
+        holder = _read_holder(fd)
+        os.close(fd)
+        cmd = str(holder.get("command") or "")
+        cmd = cmd if len(cmd) <= 160 else cmd[:157] + "..."
+        raise WorkdirBusyError(
+            f"workdir {os.path.dirname(self.path) or '.'} is in use by {_holder_text(holder)}"
+            f"{': ' + cmd if cmd else ''}. Wait for that run to end (or stop it), or use "
+            "another --workdir.") from None
+      try:
+        same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+      except FileNotFoundError:
+        same = False
+      if same:
+        break
+      os.close(fd)  # the holder we waited on removed this file: lock the new one
+    raw = os.read(fd, 1 << 16)
+    stale = _parse_holder(raw) if raw else None
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": utc_now(),
+          "command": command or command_line()}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
+    os.fsync(fd)
+    self.fd = fd
+    return stale
+
+  def release(self) -> None:
+    if self.fd is None:
+      return
+    try:
+      os.unlink(self.path)
+    except OSError:
+      pass
+    os.close(self.fd)  # drops the flock
+    self.fd = None
+
+  def __enter__(self) -> "WorkdirLock":
+    self.acquire()
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.release()
+
+
+def _parse_holder(raw: bytes) -> dict:
+  try:
+    holder = json.loads(raw.decode("utf-8", "replace"))
+  except ValueError:
+    return {}
+  return holder if isinstance(holder, dict) else {}
+
+
+def _read_holder(fd: int) -> dict:
+  try:
+    return _parse_holder(os.pread(fd, 1 << 16, 0))
+  except OSError:
+    return {}
+
+
+def describe_stale(holder: Mapping[str, Any]) -> str:
+  """The one-line report of a stale lock that :meth:`WorkdirLock.acquire` took over."""
+  if not holder:
+    return "stale lock file (no holder recorded), taking it over"
+  return (f"stale lock from pid {holder.get('pid', '?')} on host {holder.get('host', '?')} "
+          f"(started {holder.get('started', '?')}; that process is gone), taking it over")
+
+
+def versions() -> dict[str, str | None]:
+  """Installed versions of the packages a run depends on (None when not installed)."""
+  out: dict[str, str | None] = {"python": sys.version.split()[0]}
+  for name in _PACKAGES:
+    try:
+      out[name] = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+      out[name] = None
+  return out
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+  """``{"model.d_model": 64, ...}`` for a nested dict (a non-dict is one leaf)."""
+  if not isinstance(tree, Mapping):
+    return {prefix: tree}
+  out: dict[str, Any] = {}
+  for k, v in tree.items():
+    path = f"{prefix}.{k}" if prefix else str(k)
+    if isinstance(v, Mapping) and v:
+      out.update(flatten(v, path))
+    else:
+      out[path] = v
+  return out
+
+
+_ABSENT = object()
+
+
+def config_diff(old: Mapping[str, Any], new: Mapping[str, Any],
+                sections: Iterable[str] = ("seed", "data", "model")) -> list[str]:
+  """``["model.d_model: 64 -> 128", ...]``: the fields under ``sections`` whose values
+  differ between two JSON configs (a field only one side has shows ``(absent)``)."""
+  def pick(c):
+    return flatten({k: c[k] for k in sections if k in c})
+  a, b = pick(old), pick(new)
+  show = lambda v: "(absent)" if v is _ABSENT else json.dumps(v)
+  return [f"{k}: {show(a.get(k, _ABSENT))} -> {show(b.get(k, _ABSENT))}"
+          for k in sorted(set(a) | set(b)) if a.get(k, _ABSENT) != b.get(k, _ABSENT)]
+
+
+def start_record(config: Mapping[str, Any], **extra: Any) -> dict[str, Any]:
+  """One line of a training history: UTC time, command and argv, git commit and dirty flag,
+  package versions, pid, then ``extra`` (hosts, process count, resumed step, config
+  changes) and the full config last."""
+  rec = {"time": utc_now(), "command": command_line(), "argv": list(sys.argv),
+         "commit": commit(), "dirty": dirty(), "versions": versions(), "pid": os.getpid()}
+  rec.update(extra)
+  rec["config"] = dict(config)
+  return rec
+
+
+def append_history(workdir: str | os.PathLike, record: Mapping[str, Any]) -> None:
+  """Appends ``record`` as one JSON line to ``<workdir>/history.jsonl`` (fsynced)."""
+  with open(os.path.join(os.fspath(workdir), HISTORY_FILE), "a", encoding="utf-8") as f:
+    f.write(json.dumps(record, sort_keys=False) + "\n")
+    f.flush()
+    os.fsync(f.fileno())

@@ -8,13 +8,21 @@ Usage (Colab or script)::
 A run resumes automatically when ``workdir/checkpoints`` holds a checkpoint: model,
 optimizer, step and data-iterator position are restored, so the continued run is
 bitwise identical to an uninterrupted one.
+
+Around the run (docs/operations.md): ``workdir/.lock`` admits one run per workdir, every
+start appends a line to ``workdir/history.jsonl``, and SIGTERM / SIGINT end the run after the
+current step with a checkpoint at that step. ``guard=True`` (the command line) also refuses
+a changed model / data / seed config and leaves a finished run untouched.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import socket
+import sys
 import time
 from typing import Any
 
@@ -29,6 +37,7 @@ from lcm import checkpoint as ckpt_lib
 from lcm import config as config_lib
 from lcm import metrics as metrics_lib
 from lcm import model as model_lib
+from lcm import provenance
 from lcm import sharding as sharding_lib
 from layers.common import segment_positions
 from lcm.data import pipeline
@@ -40,6 +49,10 @@ DEFAULT_LABEL = "default"
 
 class NonFiniteError(RuntimeError):
   """The loss or gradients became NaN/Inf; the last good checkpoint is kept."""
+
+
+class ConfigChangeError(ValueError):
+  """A restart's model / data / seed config differs from the run already in the workdir."""
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -308,12 +321,99 @@ def _previous_summary(workdir: str) -> dict:
     return {}
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> dict[str, Any]:
-  """Trains (or resumes) the experiment in ``config`` in ``workdir``; returns the summary."""
+def _read_json(path: str) -> dict | None:
+  try:
+    with open(path, encoding="utf-8") as f:
+      out = json.load(f)
+  except (OSError, ValueError):
+    return None
+  return out if isinstance(out, dict) else None
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str):
+  """Holds ``workdir/.lock`` (process 0; every process stops when it is busy) for the body;
+  a stale lock left by a dead process is reported on stderr and taken over."""
+  lock, busy = provenance.WorkdirLock(workdir), None
+  if jax.process_index() == 0:
+    try:
+      stale = lock.acquire()
+    except provenance.WorkdirBusyError as e:
+      busy = e
+    else:
+      if stale is not None:
+        print(f"lcm: {workdir}: {provenance.describe_stale(stale)}", file=sys.stderr,
+              flush=True)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    if not int(multihost_utils.broadcast_one_to_all(np.int32(busy is None))):
+      lock.release()
+      raise busy or provenance.WorkdirBusyError(
+          f"workdir {workdir} is in use (process 0 found its lock held)")
+  elif busy is not None:
+    raise busy
+  try:
+    yield
+  finally:
+    lock.release()
+
+
+def _hostnames() -> list[str]:
+  name = socket.gethostname()
+  if jax.process_count() == 1:
+    return [name]
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  raw = np.frombuffer(name.encode()[:64].ljust(64, b"\0"), np.uint8)
+  rows = np.asarray(multihost_utils.process_allgather(raw)).reshape(-1, 64)
+  return [bytes(r).rstrip(b"\0").decode(errors="replace") for r in rows]
+
+
+def _check_restart(config, workdir: str, allow_config_change: bool
+                   ) -> tuple[list[str], dict | None]:
+  """``(changes, finished)``: the model / data / seed fields that differ from the
+  workdir's config.json, and the summary of a finished run (None if it is not finished).
+  Raises ConfigChangeError on changes unless ``allow_config_change``."""
+  new = _json_config(config_lib.resolve(config))
+  old = _read_json(os.path.join(workdir, "config.json"))
+  changes = [] if old is None else provenance.config_diff(old, new)
+  if changes and not allow_config_change:
+    raise ConfigChangeError(
+        f"{workdir} holds a run with a different config ({', '.join(changes)}). Use a new "
+        "--workdir, or pass --allow_config_change to continue this run with the new config.")
+  summary = _read_json(os.path.join(workdir, "summary.json"))
+  steps = summary.get("steps") if summary else None
+  finished = summary if isinstance(steps, int) and steps >= config.train.steps else None
+  return changes, finished
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None, guard: bool = False,
+        allow_config_change: bool = False) -> dict[str, Any]:
+  """Trains (or resumes) the experiment in ``config`` in ``workdir``; returns the summary.
+
+  The run holds ``workdir/.lock`` throughout (a busy workdir raises
+  provenance.WorkdirBusyError), appends its start to ``workdir/history.jsonl`` once the
+  checkpoint (if any) has restored, and stops after the current step on SIGTERM / SIGINT
+  with a checkpoint at that step, returning ``{"preempted": True, "step": ...}``.
+  ``guard=True`` (what ``python -m experiments.train`` passes): a model / data / seed
+  config that differs from ``workdir/config.json`` raises ConfigChangeError unless
+  ``allow_config_change``, and a finished run (summary.json's steps >= train.steps) is
+  returned as ``{"finished": True, **summary}`` without writing anything."""
+  devices = list(jax.devices() if devices is None else devices)
+  config_lib.validate(config, num_devices=len(devices))  # an invalid config writes nothing
+  os.makedirs(workdir, exist_ok=True)
+  with workdir_lock(workdir):
+    changes, finished = _check_restart(config, workdir, allow_config_change or not guard)
+    if guard and finished is not None:
+      return {**finished, "finished": True}
+    with ckpt_lib.StopRequest() as stop:
+      return _run_locked(config, workdir, devices, stop, changes, allow_config_change)
+
+
+def _run_locked(config, workdir: str, devices, stop: ckpt_lib.StopRequest, changes: list[str],
+                allow_config_change: bool) -> dict[str, Any]:
   t_start = time.time()
   trainer = Trainer(config, workdir, devices=devices)
   c = trainer.config
-  os.makedirs(workdir, exist_ok=True)
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                keep=c.train.keep_checkpoints,
                                async_save=c.train.async_checkpoint)
@@ -325,9 +425,15 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> dic
     ckpt.close()
     raise
   # Only now (the checkpoints, if any, fit this config) may config.json be replaced.
+  hosts = _hostnames()
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
       json.dump(_json_config(c), f, indent=2)
+    provenance.append_history(workdir, provenance.start_record(
+        _json_config(c), hosts=hosts, process_count=jax.process_count(),
+        device_count=len(devices), platform=devices[0].platform,
+        resumed_from=None if latest is None else int(latest), config_changes=changes,
+        allow_config_change=bool(allow_config_change)))
   if latest is not None:
     params, opt_state = restored["params"], restored["opt_state"]
     start = int(restored["step"])
@@ -354,6 +460,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> dic
   skipped_steps = 0
   t_first = None  # time after the first (compiling) step of this invocation
   eval_metrics = None
+  stopped = None  # the step a SIGTERM / SIGINT ended the run at
 
   def flush():
     """Moves pending step metrics to the host; stops (or reports a skip) on a bad step."""
@@ -395,11 +502,20 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> dic
         writer.write(done, eval_metrics, split="eval")
         progress.write(f"step {done}: eval loss {eval_metrics['loss']:.4f} "
                        f"accuracy {eval_metrics['accuracy']:.4f}")
-      if done % c.train.checkpoint_every == 0 or done == c.train.steps:
+      stopping = done < c.train.steps and stop.requested(done)
+      if done % c.train.checkpoint_every == 0 or done == c.train.steps or stopping:
         flush()  # never checkpoint a state that follows an unchecked step
         step_array = jax.device_put(np.int32(done), trainer.replicated)
         ckpt.save(done, {"params": params, "opt_state": opt_state, "step": step_array}, it)
+      if stopping:
+        stopped = done
+        break
     flush()
+    if stopped is not None:
+      progress.write(f"{stop.signal_name}: stopped after step {stopped}; checkpoint saved")
+      return {"preempted": True, "signal": stop.signal_name, "step": stopped,
+              "steps": c.train.steps, "checkpoint": ckpt.step_dir(stopped),
+              "wall_seconds": time.time() - t_start}
     tps = tokens_per_second(c.train.steps)
     if not tps:  # nothing (timed) was trained now: keep the earlier run's throughput
       tps = _previous_summary(workdir).get("tokens_per_second", 0.0)
