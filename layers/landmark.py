@@ -65,6 +65,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from layers import context_parallel
 from layers.attention import Attention, AttentionConfig, rope
 from layers.common import ConfigError, check, is_int, segment_positions
 from layers.landmark_tokens import LandmarkTokens
@@ -280,41 +281,43 @@ class Landmark(Attention):
     o = jnp.einsum("bhqk,bkhd->bqhd", w_loc.astype(dt), local_v.astype(dt))
     return o + jnp.einsum("bhqrk,bhqrkd->bqhd", w_blk.astype(dt), gv.astype(dt))
 
-  def _packed_retrieval_scores(self, q, k, qr, kr, pos, visible, group):
-    """Dense [T, T] form of top-k retrieval for packed rows (documents start anywhere, so
+  def _packed_retrieval_scores(self, q, k, qr, kr, q_pos, pos, visible, group):
+    """Dense [Tq, T] form of top-k retrieval for packed rows (documents start anywhere, so
     blocks are not reshapes). Queries at document positions < exact_len keep the exact
     scores and mask. A key in a retrieved block sits ``m * bs`` before the query's block
     once remapped (``m = n - r`` for the r-th of n retrieved, chronologically), so its score
     is ``q`` rotated at ``offset_q + m * bs`` against ``k`` rotated at ``offset_k``: one
-    score matrix per ``m`` in 0..top_k (0: the query's own block). Returns (s, visible)."""
+    score matrix per ``m`` in 0..top_k (0: the query's own block). ``q_pos`` [B, Tq]: the
+    queries' document positions; ``pos`` [B, T] the keys'. Returns (s, visible)."""
     bs, ex, theta, kk = self.cfg.block_size, self.cfg.exact_len, self.cfg.rope_theta, \
         self.cfg.top_k
-    t = q.shape[1]
+    t = k.shape[1]
+    q_off, q_blk = q_pos % bs, q_pos // bs
     off = pos % bs
     blk = pos // bs
     k_off = rope(k, off[:, :, None], theta)
-    s_m = jnp.stack([self._scores(rope(q, (off + m * bs)[:, :, None], theta), k_off)
-                     for m in range(kk + 1)])  # [k+1, B, H, T, T]
+    s_m = jnp.stack([self._scores(rope(q, (q_off + m * bs)[:, :, None], theta), k_off)
+                     for m in range(kk + 1)])  # [k+1, B, H, Tq, T]
     is_lm = (off == bs - 1)[:, None, :]
-    earlier = visible & (blk[:, None, :] < blk[:, :, None])
+    earlier = visible & (blk[:, None, :] < q_blk[:, :, None])
     # Ranking: every candidate landmark at the slot just before the query's block.
-    sel = self._scores(rope(q, (off + bs)[:, :, None], theta), k_off)  # distance off + 1
+    sel = self._scores(rope(q, (q_off + bs)[:, :, None], theta), k_off)  # distance off + 1
     sel = jnp.where((earlier & is_lm)[:, None], sel, -jnp.inf)
     if self.cfg.keep_previous:
-      prev = earlier & is_lm & (blk[:, None, :] == blk[:, :, None] - 1)
+      prev = earlier & is_lm & (blk[:, None, :] == q_blk[:, :, None] - 1)
       sel = jnp.where(prev[:, None], jnp.inf, sel)
-    top_s, top_i = jax.lax.top_k(sel, min(kk, t))  # [B, H, T, k]
+    top_s, top_i = jax.lax.top_k(sel, min(kk, t))  # [B, H, Tq, k]
     valid = top_s > -jnp.inf
     n = valid.sum(-1, keepdims=True)
     rank = jnp.sum(valid[..., None, :] & (top_i[..., None, :] < top_i[..., :, None]), -1)
     dist = jnp.where(valid, n - rank, 0)  # m of each retrieved block
     lm_of_key = jnp.minimum(group + bs - 1, t - 1)[:, None, None, :, None]  # [B,1,1,T,1]
-    hit = valid[..., None, :] & (lm_of_key == top_i[..., None, :])  # [B, H, T, T, k]
-    m_ij = jnp.sum(jnp.where(hit, dist[..., None, :], 0), -1)  # [B, H, T, T]
+    hit = valid[..., None, :] & (lm_of_key == top_i[..., None, :])  # [B, H, Tq, T, k]
+    m_ij = jnp.sum(jnp.where(hit, dist[..., None, :], 0), -1)  # [B, H, Tq, T]
     chosen = hit.any(-1) & earlier[:, None]
     s_ret = jnp.take_along_axis(s_m, m_ij[None], 0)[0]
-    local = visible & (blk[:, None, :] == blk[:, :, None])
-    retr_q = (pos >= ex)[:, None, :, None]
+    local = visible & (blk[:, None, :] == q_blk[:, :, None])
+    retr_q = (q_pos >= ex)[:, None, :, None]
     s_true = self._scores(qr, kr)
     s = jnp.where(retr_q, s_ret, s_true)
     vis = jnp.where(retr_q, chosen | local[:, None], visible[:, None])
@@ -322,52 +325,94 @@ class Landmark(Attention):
 
   # ---------------------------------------------------------------- contract
   def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
-    """x: [B, T, D]; segment_ids: [B, T] or None -> [B, T, D]."""
+    """x: [B, T, D]; segment_ids: [B, T] or None -> [B, T, D]. With a ``sequence`` mesh in
+    context (``layers.context_parallel``) each shard computes its own query rows against
+    the all-gathered keys (:func:`layers.context_parallel.gathered_rows`), where the shard
+    length is a multiple of ``block_size`` or the rows are packed (else XLA's partitioner
+    runs the unsplit form)."""
     self._check_x(x)
-    b_, t, _ = x.shape
+    t = x.shape[1]
+    q, k, v = self._heads(x)
+    mesh = context_parallel.sequence_mesh(t)
+    if mesh is not None and (segment_ids is not None or t <= self.cfg.exact_len
+                             or (t // mesh.shape[context_parallel.AXIS])
+                             % self.cfg.block_size == 0):
+      return self._project(context_parallel.gathered_rows(self._rows, q, (k, v), segment_ids))
+    return self._project(self._rows(q, 0, (k, v), segment_ids))
+
+  def _rows(self, q, start, kv, segment_ids):
+    """Output rows ``start .. start + Tq`` (before the output projection) from their
+    un-rotated queries q [B, Tq, H, Dh] and the whole row's un-rotated k, v [B, T, H, Dh]
+    and segment ids [B, T] (or None). ``start`` is 0 (unsplit) or a traced multiple of
+    Tq (a context-parallel shard; then Tq is a multiple of block_size on unpacked rows
+    longer than exact_len)."""
+    k, v = kv
+    b_, tq = q.shape[:2]
+    t = k.shape[1]
     bs, ex, theta = self.cfg.block_size, self.cfg.exact_len, self.cfg.rope_theta
     pos = segment_positions(segment_ids, b_, t)
-    q, k, v = self._heads(x)
-    qr = rope(q, pos[:, :, None], theta)
+    q_pos = pos if tq == t else jax.lax.dynamic_slice_in_dim(pos, start, tq, 1)
+    qr = rope(q, q_pos[:, :, None], theta)
     i = jnp.arange(t)
     if segment_ids is not None or t <= ex:
-      visible = i[:, None] >= i[None, :]
+      visible = (start + jnp.arange(tq))[:, None] >= i[None, :]
       if segment_ids is not None:
-        visible = visible & (segment_ids[:, :, None] == segment_ids[:, None, :])
-      visible = jnp.broadcast_to(visible, (b_, t, t))
+        q_seg = (segment_ids if tq == t else
+                 jax.lax.dynamic_slice_in_dim(segment_ids, start, tq, 1))
+        visible = visible & (q_seg[:, :, None] == segment_ids[:, None, :])
+      visible = jnp.broadcast_to(visible, (b_, tq, t))
       group = None if segment_ids is None else (i[None, :] - pos % bs).astype(jnp.int32)
       kr = rope(k, pos[:, :, None], theta)
       if segment_ids is None or t <= ex:
-        return self._project(self._exact(qr, kr, v, pos, pos, visible, group))
-      s, visible = self._packed_retrieval_scores(q, k, qr, kr, pos, visible, group)
-      w = grouped_softmax_weights(s, pos, pos, visible, group, bs)
-      return self._project(jnp.einsum("bhqk,bkhd->bqhd", w.astype(self.dtype),
-                                      v.astype(self.dtype)))
-    # Exact head (positions < exact_len), then retrieval one query block at a time.
-    parts = []
-    if ex:
-      kr = rope(k[:, :ex], pos[:, :ex, None], theta)
-      vis = jnp.broadcast_to(i[:ex, None] >= i[None, :ex], (b_, ex, ex))
-      parts.append(self._exact(qr[:, :ex], kr, v[:, :ex], pos[:, :ex], pos[:, :ex], vis, None))
+        return self._exact(qr, kr, v, q_pos, pos, visible, group)
+      s, visible = self._packed_retrieval_scores(q, k, qr, kr, q_pos, pos, visible, group)
+      w = grouped_softmax_weights(s, q_pos, pos, visible, group, bs)
+      return jnp.einsum("bhqk,bkhd->bqhd", w.astype(self.dtype), v.astype(self.dtype))
+    # Unpacked rows longer than exact_len: blocks are reshapes of the key axis.
     tp = -(-t // bs) * bs
-    pad = lambda a: jnp.pad(a, ((0, 0), (0, tp - t)) + ((0, 0),) * (a.ndim - 2))
-    qp, kp, vp = pad(qr), pad(k), pad(v)
+    pad = lambda a: jnp.pad(a, ((0, 0), (0, tp - a.shape[1])) + ((0, 0),) * (a.ndim - 2))
     nb = tp // bs
-    blocks_k = kp.reshape(b_, nb, bs, *k.shape[2:])
-    blocks_v = vp.reshape(b_, nb, bs, *v.shape[2:])
+    blocks_k = pad(k).reshape(b_, nb, bs, *k.shape[2:])
+    blocks_v = pad(v).reshape(b_, nb, bs, *v.shape[2:])
     lm_keys = blocks_k[:, :, bs - 1]
     offs = jnp.arange(bs)
 
-    def one_block(blk):
-      qb = jax.lax.dynamic_index_in_dim(blocks_q, blk, 1, keepdims=False)
+    def retrieve(qb, blk):
       return self._retrieve(qb, offs, blk, blocks_k[:, blk], blocks_v[:, blk], lm_keys,
                             blocks_k, blocks_v)
 
-    blocks_q = qp.reshape(b_, nb, bs, *q.shape[2:])
-    out = jax.lax.map(one_block, jnp.arange(ex // bs, nb))  # [nb', B, bs, H, Dh]
-    out = jnp.moveaxis(out, 0, 1).reshape(b_, -1, *q.shape[2:])
-    parts.append(out)
-    return self._project(jnp.concatenate(parts, axis=1)[:, :t])
+    if tq == t:
+      # Exact head (positions < exact_len), then retrieval one query block at a time.
+      parts = []
+      if ex:
+        kr = rope(k[:, :ex], pos[:, :ex, None], theta)
+        vis = jnp.broadcast_to(i[:ex, None] >= i[None, :ex], (b_, ex, ex))
+        parts.append(self._exact(qr[:, :ex], kr, v[:, :ex], pos[:, :ex], pos[:, :ex], vis,
+                                 None))
+      blocks_q = pad(qr).reshape(b_, nb, bs, *q.shape[2:])
+      out = jax.lax.map(lambda blk: retrieve(
+          jax.lax.dynamic_index_in_dim(blocks_q, blk, 1, keepdims=False), blk),
+                        jnp.arange(ex // bs, nb))  # [nb', B, bs, H, Dh]
+      parts.append(jnp.moveaxis(out, 0, 1).reshape(b_, -1, *q.shape[2:]))
+      return jnp.concatenate(parts, axis=1)[:, :t]
+    # A shard of whole blocks: each block is exact (below exact_len) or retrieves.
+    blocks_q = qr.reshape(b_, tq // bs, bs, *q.shape[2:])
+    kr = rope(k[:, :ex], pos[:, :ex, None], theta) if ex else None
+
+    def one_block(j):
+      blk = start // bs + j
+      qb = jax.lax.dynamic_index_in_dim(blocks_q, j, 1, keepdims=False)
+      if not ex:
+        return retrieve(qb, blk)
+
+      def exact(_):
+        qp = jnp.broadcast_to(blk * bs + offs, (b_, bs))
+        vis = jnp.broadcast_to(qp[:, :, None] >= i[None, None, :ex], (b_, bs, ex))
+        return self._exact(qb, kr, v[:, :ex], qp, pos[:, :ex], vis, None)
+      return jax.lax.cond(blk * bs < ex, exact, lambda _: retrieve(qb, blk), None)
+
+    out = jax.lax.map(one_block, jnp.arange(tq // bs))  # [Tq / bs, B, bs, H, Dh]
+    return jnp.moveaxis(out, 0, 1).reshape(b_, tq, *q.shape[2:])
 
   def cache_len(self, max_len: int | None = None) -> int:
     """KV-cache slots: ``max_len`` (default cfg.max_len) rounded up to whole blocks."""

@@ -67,6 +67,8 @@ class LandmarkTokens(nnx.Module):
     """``run(extended x, extended segment ids) -> (h, aux)`` over the extended row; returns
     ``(h at the real tokens [B, T, D], aux)``."""
     b, t = x.shape[:2]
+    if segment_ids is None:
+      return self._periodic(x, run)
     tok_idx, lm_idx, has_lm, ext = landmark_layout(segment_ids, b, t, self.every)
     rows = jnp.arange(b)[:, None]
     lm_at = jnp.where(has_lm, lm_idx, ext)  # out of range (dropped) where no landmark follows
@@ -79,6 +81,22 @@ class LandmarkTokens(nnx.Module):
       segment_ids = se.at[rows, lm_at].set(segment_ids, mode="drop")
     h, aux = run(xe, segment_ids)
     return jnp.take_along_axis(h, tok_idx[..., None], axis=1), aux  # drop landmark outputs
+
+  def _periodic(self, x, run):
+    """One document per row: a landmark after every ``every`` tokens is a reshape (the same
+    row as :func:`landmark_layout` gives). Reshapes keep a ``sequence``-sharded row local:
+    with ``every`` dividing the shard length, the extended shards hold whole blocks and
+    no token changes device (a scatter would gather the whole row)."""
+    b, t, d = x.shape
+    full = t // self.every * self.every
+    groups = x[:, :full].reshape(b, full // self.every, self.every, d)
+    lm = jnp.broadcast_to(self.embedding[...].astype(x.dtype), (b, groups.shape[1], 1, d))
+    xe = jnp.concatenate([groups, lm], axis=2).reshape(b, -1, d)
+    cut = xe.shape[1]
+    h, aux = run(jnp.concatenate([xe, x[:, full:]], axis=1), None)
+    body = h[:, :cut].reshape(b, full // self.every, self.every + 1, h.shape[-1])
+    out = body[:, :, :self.every].reshape(b, full, h.shape[-1])
+    return jnp.concatenate([out, h[:, cut:]], axis=1), aux
 
   def init_state(self, layer_state) -> dict:
     """The layers' state plus the count of real tokens seen."""

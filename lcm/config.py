@@ -389,11 +389,15 @@ def validate(c: ml_collections.ConfigDict, *, num_devices: int | None = None) ->
     raise ConfigError("data.seq_len", f"must be divisible by mesh.sequence={sequence} (got "
                       f"{c.data.seq_len})")
   if sequence > 1 and "landmark" in pattern_names(c.model):
-    # Its inserted landmark tokens make the layer stack's length indivisible by the axis, so
-    # every mixer would silently run unsplit (docs/context-parallel.md, what remains).
-    raise ConfigError("mesh.sequence", f"must be 1 with a landmark layer in model.pattern: "
-                      f"landmark attention is not split over the sequence axis yet (got "
-                      f"{sequence})")
+    # Landmark tokens extend the row by one per block_size - 1 tokens; the extended row's
+    # shards hold whole blocks (and every mixer's shard has the same length) only when
+    # each shard's tokens fill whole blocks (docs/context-parallel.md).
+    fields = {**registry.config_fields("landmark"), **dict(c.model.mixers.get("landmark", {}))}
+    every = int(fields["block_size"]) - 1
+    if (c.data.seq_len // sequence) % every:
+      raise ConfigError("data.seq_len", f"must be a multiple of mesh.sequence x (landmark "
+                        f"block_size - 1) = {sequence} x {every} = {sequence * every} with "
+                        f"a landmark layer (got {c.data.seq_len})")
   if num_devices is not None:
     shape = mesh_shape(c.mesh, num_devices)
     batch_shards = shape["data"] * shape["fsdp"]

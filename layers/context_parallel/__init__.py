@@ -69,6 +69,14 @@ module supplies it:
   keys and values instead: ``[B, H, L, L + window - 1]`` scores, ``ceil((window-1)/L)``
   ppermute hops.
 
+* **Gathered rows** (:func:`gathered_rows`): the all-gather of attention for maps whose
+  rows are more than a masked softmax. Landmark attention's grouped softmax and top-k
+  retrieval score each query against every earlier landmark and block, and a block's
+  tokens share its landmark's probability, so each shard gathers the un-rotated K / V and
+  segment ids and computes its own query rows exactly as the unsplit layer does (global
+  positions, global block layout). In the LM, ``mesh.sequence`` must divide ``seq_len /
+  (block_size - 1)`` so that the landmark-extended row's shards hold whole blocks.
+
 How a mixer learns the mesh. The trainer enters ``jax.sharding.use_abstract_mesh`` with
 its mesh inside the traced step when ``mesh.sequence > 1`` (:func:`sequence_context`). The
 entry points here (:func:`linear_recurrence`, :func:`delta_rule`,
@@ -91,7 +99,7 @@ A length that the axis does not divide (``step`` with a few tokens) takes the pl
 ``lcm.sharding`` imports it.
 """
 
-from layers.context_parallel.attention import attention
+from layers.context_parallel.attention import attention, gathered_rows
 from layers.context_parallel.primitives import (AXIS, BATCH_AXES, exclusive_affine_prefix,
                                                 halo, sequence_context, sequence_mesh,
                                                 with_history)
@@ -103,4 +111,4 @@ from layers.context_parallel.recurrence import (delta_rule, delta_rule_shard,
 __all__ = ["AXIS", "BATCH_AXES", "sequence_mesh", "sequence_context", "halo", "exclusive_affine_prefix",
            "recurrence_shard", "linear_recurrence", "delta_rule_shard", "delta_rule",
            "diagonal_shard", "diagonal_recurrence", "handoff_shard", "sequential",
-           "with_history", "attention"]
+           "with_history", "attention", "gathered_rows"]

@@ -1,5 +1,7 @@
 """Context-parallel causal attention: all-gathered K / V for full attention, a halo of
-``window - 1`` keys for sliding windows (the math: the package docstring)."""
+``window - 1`` keys for sliding windows, and :func:`gathered_rows` for attention whose
+rows need more than a masked softmax (landmark attention's grouped softmax and top-k
+retrieval). The math: the package docstring."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import jax.numpy as jnp
 
 from layers.context_parallel.primitives import AXIS, TIME, halo, sequence_mesh, shard_map
 
-__all__ = ["attention"]
+__all__ = ["attention", "gathered_rows"]
 
 
 def attention(q, k, v, segment_ids, *, window: int | None, attend: Callable):
@@ -73,3 +75,32 @@ def attention(q, k, v, segment_ids, *, window: int | None, attend: Callable):
   return shard_map(body, mesh, (TIME, TIME, TIME, seg_spec), TIME)(
       q, k, v, segment_ids)
 
+
+
+def gathered_rows(rows: Callable, q, keys, segment_ids):
+  """This shard's rows of an attention-like map that needs every key of the row, split over
+  the context mesh's ``sequence`` axis (which must divide T: check :func:`sequence_mesh`).
+
+  ``rows(q_local, start, keys, segment_ids) -> [B, L, ...]`` computes output rows
+  ``start .. start + L`` from their queries ``q_local`` ``[B, L, ...]`` and the whole
+  row's ``keys`` (a tuple of ``[B, T, ...]`` arrays, e.g. un-rotated K and V) and
+  ``segment_ids`` ``[B, T]`` (or None); ``start`` is a traced scalar. Each shard
+  all-gathers the keys and segment ids over ``sequence`` (their gradients are reduce-
+  scattered back), so memory is O(T) per device for the keys plus whatever ``rows`` holds
+  for L queries: O(L T) scores for a dense map, against O(T^2) unsplit.
+  """
+  t = q.shape[1]
+  mesh = sequence_mesh(t)
+  if mesh is None:
+    raise ValueError(f"context_parallel.gathered_rows needs a context mesh whose {AXIS!r} "
+                     f"axis divides T={t}; check sequence_mesh(T) first")
+  length = t // mesh.shape[AXIS]
+  gather = lambda a: jax.lax.all_gather(a, AXIS, axis=1, tiled=True)
+
+  def body(ql, kl, seg):
+    start = jax.lax.axis_index(AXIS) * length
+    return rows(ql, start, tuple(gather(a) for a in kl), None if seg is None else gather(seg))
+
+  seg_spec = None if segment_ids is None else TIME
+  key_specs = tuple(TIME for _ in keys)
+  return shard_map(body, mesh, (TIME, key_specs, seg_spec), TIME)(q, tuple(keys), segment_ids)

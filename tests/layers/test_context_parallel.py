@@ -283,11 +283,13 @@ MIXERS = {
     "titans_mag": {"num_heads": 2, "chunk_size": 2, "depth": 1, "window": 6, "attn_heads": 2},
     "titans_mal": {"num_heads": 2, "chunk_size": 2, "depth": 1, "window": 6, "attn_heads": 2},
     "mom": {"num_heads": 2, "num_memories": 2, "top_k": 1, "chunk_size": 4, "impl": "xla"},
+    # exact_len 8 < T: exact rows, then top-2 retrieval (packed: the dense form; unpacked:
+    # shards of whole blocks, each block exact or retrieving).
+    "landmark": {"num_heads": 2, "block_size": 4, "exact_len": 8, "top_k": 2},
 }
 # Not split (yet): XLA's partitioner gathers what they need, so they stay exact but hold
 # the whole sequence per device; checked under LCM_CP_ALL=1 (docs/context-parallel.md).
 UNSPLIT = {
-    "landmark": {"num_heads": 2, "block_size": 4},
     "titans_mac": {"num_heads": 2, "chunk_size": 2, "depth": 1, "segment_len": 4,
                    "attn_heads": 2},
     "memory_caching": {"num_heads": 2, "chunk_size": 2, "segment_len": 4},
@@ -299,7 +301,8 @@ UNSPLIT = {
 ALL = os.environ.get("LCM_CP_ALL") == "1"
 SIZE = {"attention": 8, "swa": 8, "mamba2": 4, "linear_attention": 2, "retnet": 8, "gla": 4,
         "based": 8, "jrt": 2, "deltanet": 8, "gated_deltanet": 4, "mamba": 8, "s4d": 2,
-        "titans_lmm": 8, "titans_mag": 4, "titans_mal": 2, "mom": 4}
+        "titans_lmm": 8, "titans_mag": 4, "titans_mal": 2, "mom": 4,
+        "landmark": 8}
 if ALL:
   MIXERS.update(UNSPLIT)
 
@@ -325,11 +328,12 @@ def test_mixer_split_over_sequence_equals_unsplit(name, monkeypatch):
   x = jax.random.normal(jax.random.key(3), (B, T, D))
   ct = jax.random.normal(jax.random.key(4), (B, T, D))
   fn = _fwd_bwd(graphdef, ct)
-  # Packed documents everywhere; swa, s4d and titans_lmm also unpacked (the unsplit call's
-  # block-sparse kernel / FFT convolution / aligned memory pass against the split forms).
+  # Packed documents everywhere; swa, s4d, titans_lmm and landmark also unpacked (the
+  # unsplit call's block-sparse kernel / FFT convolution / aligned memory pass / block
+  # reshapes against the split forms).
   sizes = (2, 4, 8) if ALL else (SIZE[name],)
   cases = [(True, n) for n in sizes] + (
-      [(False, 4)] if name in ("swa", "s4d", "titans_lmm") else [])
+      [(False, 4)] if name in ("swa", "s4d", "titans_lmm", "landmark") else [])
   # The split path is really taken (not XLA's partitioner gathering the whole sequence).
   split_calls = []
   for module in (cp.primitives, cp.recurrence, sys.modules["layers.context_parallel.attention"]):

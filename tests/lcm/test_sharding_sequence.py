@@ -18,6 +18,7 @@ from layers.common import ConfigError
 from lcm import config as config_lib
 from lcm import generate, sharding, train
 from lcm import model as model_lib
+from tests.kernels.helpers import FAST_COMPILE
 
 TINY = {
     "data.vocab_size": 64, "data.seq_len": 32, "data.num_kv_pairs": 4, "data.batch_size": 8,
@@ -49,10 +50,18 @@ def test_sequence_axis_config_errors_name_their_field():
     config_lib.validate(c, num_devices=8)
   assert e.value.field == "mesh.sequence" and "2 devices left" in str(e.value)
   assert len(str(e.value).splitlines()) == 1
-  c = tiny_config("landmark,mamba2", **{"mesh.sequence": 4})  # not split yet: say so
+  # Landmark: each shard's tokens must fill whole blocks (block_size 8: 7 tokens + landmark).
+  c = tiny_config("landmark,mamba2", **{"mesh.sequence": 4, "data.seq_len": 56})
+  c.model.mixers.landmark = {"block_size": 8}
+  config_lib.validate(c, num_devices=8)  # 14 tokens per shard = 2 blocks of 7
+  c.data.seq_len = 32
   with pytest.raises(ConfigError) as e:
     config_lib.validate(c, num_devices=8)
-  assert e.value.field == "mesh.sequence" and "landmark" in str(e.value)
+  assert e.value.field == "data.seq_len" and "4 x 7 = 28" in str(e.value)
+  del c.model.mixers["landmark"]  # the default block_size, 32
+  with pytest.raises(ConfigError) as e:
+    config_lib.validate(c, num_devices=8)
+  assert "4 x 31 = 124" in str(e.value)
   c = tiny_config(**{"mesh.sequence": 4})
   config_lib.validate(c, num_devices=8)
   assert config_lib.mesh_shape(c.mesh, 8) == {"data": 2, "fsdp": 1, "tensor": 1,
@@ -73,36 +82,49 @@ def test_mesh_and_batch_layout():
 
 
 def _losses(config, devices):
+  """The losses of ``config.train.steps`` steps of the trainer's own train step, compiled
+  at XLA level 0 (the test is compile-bound; split and single runs use the same level)."""
   t = train.Trainer(config, devices=devices)
   params, opt = t.init_state()
   it = t.train_iterator()
-  out = []
+  out, step = [], None
   for _ in range(config.train.steps):
-    params, opt, m = t.train_step(params, opt, t.global_batch(next(it)))
+    batch = t.global_batch(next(it))
+    if step is None:
+      step = t.train_step.lower(params, opt, batch).compile(compiler_options=FAST_COMPILE)
+    params, opt, m = step(params, opt, batch)
     out.append(float(m["loss"]))
   return out
 
 
 def test_training_split_over_sequence_matches_one_device(monkeypatch):
-  """Mamba2 (short convolutions + SSD) and sliding-window attention, 5 steps: T split over
-  4 devices (x 2 data), and over 2 (x 2 data x 2 tensor), give the single-device losses,
-  and the split run really took the context-parallel paths (halos for the convolutions and
-  the window, the state hand-off)."""
+  """A hybrid of sliding-window attention, Mamba2 (short convolutions + SSD), Gated
+  DeltaNet and landmark attention (blocks of 4 tokens + the landmark, the exact grouped
+  softmax as trained; split retrieval: tests/layers/test_context_parallel.py), 5 steps: T
+  split over 4 devices (x 2 data), and over 2 (x 2 data x 2 tensor), give the
+  single-device losses, and the split run really took the context-parallel paths (halos
+  for the convolutions and the window, the affine and dense state hand-offs, landmark
+  rows against gathered keys) on the landmark-extended row (32 tokens + 8 landmarks)."""
   traced = []
   attention_module = sys.modules["layers.context_parallel.attention"]
   for module, name in ((context_parallel.primitives, "halo"), (attention_module, "halo"),
-                       (context_parallel.recurrence, "exclusive_affine_prefix")):
+                       (context_parallel.recurrence, "exclusive_affine_prefix"),
+                       (context_parallel, "gathered_rows")):
     fn = getattr(module, name)
     monkeypatch.setattr(module, name,
                         lambda *a, fn=fn, name=name, **kw: traced.append(name) or fn(*a, **kw))
-  c = tiny_config("mamba2,swa", **{"mesh.sequence": 4})
+  want = {"halo", "exclusive_affine_prefix", "gathered_rows"}
+  c = tiny_config("swa,mamba2,gated_deltanet,landmark",
+                  **{"mesh.sequence": 4, "model.num_layers": 4})
   c.model.mixers.swa = {"num_heads": 2, "window": 6}
+  c.model.mixers.gated_deltanet = {"num_heads": 2, "chunk_size": 4, "impl": "xla"}
+  c.model.mixers.landmark = {"num_heads": 2, "block_size": 5, "exact_len": 40}
   split = _losses(c, jax.devices())
-  assert set(traced) == {"halo", "exclusive_affine_prefix"}
+  assert set(traced) == want
   traced.clear()
   c.mesh.sequence, c.mesh.tensor = 2, 2  # with tensor parallelism: (data, tensor, seq) 2x2x2
   split_tp = _losses(c, jax.devices())
-  assert set(traced) == {"halo", "exclusive_affine_prefix"}
+  assert set(traced) == want
   c.mesh.sequence, c.mesh.tensor = 1, 1
   traced.clear()
   single = _losses(c, jax.devices()[:1])
@@ -112,8 +134,9 @@ def test_training_split_over_sequence_matches_one_device(monkeypatch):
   assert len(set(single)) == len(single)  # the updates were applied
 
 
-def hybrid_lm(width: int, *, state: int, chunk: int, impl: str):
-  """A 3-layer attention + Mamba2 + Gated DeltaNet LM (vocabulary = 2 x width)."""
+def hybrid_lm(width: int, *, state: int, chunk: int, impl: str, landmark: dict | None = None):
+  """A 3-layer attention + Mamba2 + Gated DeltaNet LM (vocabulary = 2 x width), and a
+  fourth, landmark layer with these fields when ``landmark`` is given."""
   c = config_lib.base_config().model
   c.vocab_size, c.d_model, c.num_layers, c.mlp_ratio, c.remat = 2 * width, width, 3, 2.0, False
   c.pattern = "attention,mamba2,gated_deltanet"
@@ -121,6 +144,9 @@ def hybrid_lm(width: int, *, state: int, chunk: int, impl: str):
       "attention": {"num_heads": 2},
       "mamba2": {"d_state": state, "head_dim": state, "chunk_size": chunk, "impl": impl},
       "gated_deltanet": {"num_heads": 2, "chunk_size": chunk, "impl": impl}})
+  if landmark is not None:
+    c.pattern, c.num_layers = c.pattern + ",landmark", 4
+    c.mixers.landmark = {"num_heads": 2, **landmark}
   return model_lib.LM(c, rngs=nnx.Rngs(0))
 
 
@@ -168,16 +194,24 @@ def test_checkpoint_restores_across_sequence_sizes(tmp_path):
     assert int(restored["step"]) == 3
 
 
-def test_split_hybrid_train_step_exports_for_tpu_with_pallas_kernels():
-  """Attention + Mamba2 + Gated DeltaNet with the TPU Pallas kernels, value_and_grad of the
-  LM loss and an AdamW update, traced on an abstract (data, sequence) = (1, 4) mesh and
-  exported for TPU without hardware: the Mosaic calls sit in regions manual over every
-  mesh axis (they cannot be partitioned automatically), states cross shards by
-  collective-permute / all-gather."""
+def test_split_hybrid_train_step_exports_for_tpu_with_pallas_kernels(monkeypatch):
+  """Attention + Mamba2 + Gated DeltaNet with the TPU Pallas kernels + landmark attention
+  (blocks of 64 tokens + the landmark; exact below 520 positions, top-2 retrieval after),
+  value_and_grad of the LM loss and an AdamW update, traced on an abstract (data,
+  sequence) = (1, 4) mesh and exported for TPU without hardware: the Mosaic calls sit in
+  regions manual over every mesh axis (they cannot be partitioned automatically), states
+  cross shards by collective-permute / all-gather; each shard of the 1040-long extended row
+  holds 4 whole landmark blocks."""
   import optax  # pylint: disable=g-import-not-at-top
   from jax.sharding import AbstractMesh, AxisType, NamedSharding  # pylint: disable=g-import-not-at-top
-  graphdef, params = nnx.split(hybrid_lm(128, state=64, chunk=64, impl="pallas_tpu"))
+  graphdef, params = nnx.split(hybrid_lm(128, state=64, chunk=64, impl="pallas_tpu",
+                                         landmark={"block_size": 65, "exact_len": 520,
+                                                   "top_k": 2}))
   params = nnx.to_pure_dict(params)
+  gathered = []
+  fn = context_parallel.gathered_rows
+  monkeypatch.setattr(context_parallel, "gathered_rows",
+                      lambda *a, **kw: gathered.append(1) or fn(*a, **kw))
   tx = optax.adamw(1e-3)
   mesh = AbstractMesh((1, 4), ("data", context_parallel.AXIS), axis_types=(AxisType.Auto,) * 2)
 
@@ -199,5 +233,6 @@ def test_split_hybrid_train_step_exports_for_tpu_with_pallas_kernels():
     exported = jax.export.export(jax.jit(train_step), platforms=["tpu"])(p, o, tok)
   text = exported.mlir_module()
   assert exported.nr_devices == 4
+  assert gathered  # the landmark layer was split, not left to the partitioner
   assert text.count("tpu_custom_call") >= 4  # forward and backward kernels of both scans
   assert "collective_permute" in text and "all_gather" in text
