@@ -35,7 +35,7 @@ from lcm import registry
 
 _MIXERS = flags.DEFINE_list(
     "cp_mixers", ["attention", "swa", "mamba2", "gla", "gated_deltanet", "mamba", "s4d",
-                  "titans_lmm", "landmark"], "Mixers (context_parallel).")
+                  "titans_lmm", "landmark", "titans_mac"], "Mixers (context_parallel).")
 _SIZES = flags.DEFINE_list("cp_sizes", ["1", "2", "4", "8"], "Splits n (context_parallel).")
 _T = flags.DEFINE_integer("cp_seq_len", 65536, "Tokens per row (context_parallel).")
 _D = flags.DEFINE_integer("cp_d_model", 64, "Model width (context_parallel).")
@@ -59,6 +59,7 @@ OVERRIDES = {
     # Blocks of 64 positions (the paper: 50, which 65,536 / 8 is not a multiple of);
     # the exact grouped softmax below 512 positions, top-4 retrieval beyond.
     "landmark": {"num_heads": 2, "block_size": 64, "exact_len": 512, "top_k": 4},
+    "titans_mac": {"num_heads": 2, "chunk_size": 16, "segment_len": 64, "attn_heads": 2},
 }
 TARGET_N, TARGET_FRACTION = 8, 0.2
 

@@ -30,7 +30,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kernels.neural_memory import Weights
-from layers.common import RMSNorm, check, check_pos_int
+from layers import context_parallel
+from layers.common import RMSNorm, check, check_pos_int, doc_starts
 from layers.neural_memory.common import check_x, fields_of, select_rows
 from layers.neural_memory.lmm import TitansLMM, TitansLMMConfig
 from layers.neural_memory.prefix_attention import PrefixAttention, attention_fields
@@ -112,14 +113,15 @@ class TitansMAC(nnx.Module):
     return self.attn.attend(q, q_raw, jnp.concatenate([kh, kx], 1),
                             jnp.concatenate([vh, vx], 1), mask)
 
-  def _segments(self, x):
-    """Segment-parallel form (no documents): scan over segments."""
+  def _segments(self, x, state, first=0):
+    """Segment-parallel form (no documents): scan over the segments of x [B, T, D] from
+    the memory ``state``; ``first`` is the index of x's first segment in the row (RoPE
+    positions). Returns (y, final memory state)."""
     b, t, d = x.shape
     ls = min(self.cfg.segment_len, t)  # one segment needs no padding (causal inside)
     n = -(-t // ls)
     xp = jnp.pad(x, ((0, 0), (0, n * ls - t), (0, 0)))
     xs = jnp.moveaxis(xp.reshape(b, n, ls, d), 1, 0)
-    state0 = self.lmm.init_state(b, _F32)
 
     def body(state, inp):
       xseg, i = inp
@@ -129,8 +131,8 @@ class TitansMAC(nnx.Module):
       r, state = self.lmm._run(y, None, state, aligned=True)
       return state, self._gate(y, r)
 
-    _, ys = jax.lax.scan(body, state0, (xs, jnp.arange(n, dtype=jnp.int32)))
-    return jnp.moveaxis(ys, 0, 1).reshape(b, n * ls, d)[:, :t]
+    state, ys = jax.lax.scan(body, state, (xs, first + jnp.arange(n, dtype=jnp.int32)))
+    return jnp.moveaxis(ys, 0, 1).reshape(b, n * ls, d)[:, :t], state
 
   def _token(self, state, x_t):
     """One token per row: x_t [B, 1, D] -> (o_t, new state)."""
@@ -178,13 +180,29 @@ class TitansMAC(nnx.Module):
 
   # ---------------------------------------------------------------- contract
   def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+    """x [B, T, D] -> [B, T, D]. With a ``sequence`` mesh in context the shards hand the
+    state on in order (``context_parallel.sequential``; the memory update is not affine in
+    its state): the segment scan when every shard holds whole segments, the token scan
+    with documents. Otherwise (or unsplit) the same forms on the whole row."""
     self._check_x(x)
-    if segment_ids is None:
-      return self._segments(x)
     b, t, _ = x.shape
-    reset = jnp.concatenate([jnp.ones((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]],
-                            1)
-    return self._tokens(x, self.init_state(b, _F32), reset)[0]
+    mesh = context_parallel.sequence_mesh(t)
+    if segment_ids is None:
+      ls = self.cfg.segment_len
+      if mesh is None or (t // mesh.shape[context_parallel.AXIS]) % ls:
+        return self._segments(x, self.lmm.init_state(b, _F32))[0]
+      pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+
+      def run(xs, state):  # one shard of whole segments, from the handed-on memory
+        return self._segments(xs["x"], state, first=xs["pos"][0, 0] // ls)
+      return context_parallel.sequential(run, {"x": x, "pos": pos},
+                                         self.lmm.init_state(b, _F32))[0]
+    reset = doc_starts(segment_ids)
+    if mesh is None:
+      return self._tokens(x, self.init_state(b, _F32), reset)[0]
+    return context_parallel.sequential(
+        lambda xs, state: self._tokens(xs["x"], state, xs["reset"]),
+        {"x": x, "reset": reset}, self.init_state(b, _F32))[0]
 
   def init_state(self, batch: int, dtype=jnp.float32, *, max_len: int | None = None):
     del max_len

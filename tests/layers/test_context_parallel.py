@@ -282,6 +282,8 @@ MIXERS = {
     "titans_lmm": {"num_heads": 2, "chunk_size": 2, "depth": 1},
     "titans_mag": {"num_heads": 2, "chunk_size": 2, "depth": 1, "window": 6, "attn_heads": 2},
     "titans_mal": {"num_heads": 2, "chunk_size": 2, "depth": 1, "window": 6, "attn_heads": 2},
+    "titans_mac": {"num_heads": 2, "chunk_size": 2, "depth": 1, "segment_len": 4,
+                   "attn_heads": 2},
     "mom": {"num_heads": 2, "num_memories": 2, "top_k": 1, "chunk_size": 4, "impl": "xla"},
     # exact_len 8 < T: exact rows, then top-2 retrieval (packed: the dense form; unpacked:
     # shards of whole blocks, each block exact or retrieving).
@@ -290,8 +292,6 @@ MIXERS = {
 # Not split (yet): XLA's partitioner gathers what they need, so they stay exact but hold
 # the whole sequence per device; checked under LCM_CP_ALL=1 (docs/context-parallel.md).
 UNSPLIT = {
-    "titans_mac": {"num_heads": 2, "chunk_size": 2, "depth": 1, "segment_len": 4,
-                   "attn_heads": 2},
     "memory_caching": {"num_heads": 2, "chunk_size": 2, "segment_len": 4},
 }
 # Default suite: one size per mixer, so that each mechanism (all-gather, window and
@@ -302,7 +302,9 @@ ALL = os.environ.get("LCM_CP_ALL") == "1"
 SIZE = {"attention": 8, "swa": 8, "mamba2": 4, "linear_attention": 2, "retnet": 8, "gla": 4,
         "based": 8, "jrt": 2, "deltanet": 8, "gated_deltanet": 4, "mamba": 8, "s4d": 2,
         "titans_lmm": 8, "titans_mag": 4, "titans_mal": 2, "mom": 4,
-        "landmark": 8}
+        "landmark": 8, "titans_mac": 2}
+# Compile-heavy: the default suite checks only the unpacked split (LCM_CP_ALL=1 the rest).
+SLOW = {"titans_mac"}
 if ALL:
   MIXERS.update(UNSPLIT)
 
@@ -328,12 +330,14 @@ def test_mixer_split_over_sequence_equals_unsplit(name, monkeypatch):
   x = jax.random.normal(jax.random.key(3), (B, T, D))
   ct = jax.random.normal(jax.random.key(4), (B, T, D))
   fn = _fwd_bwd(graphdef, ct)
-  # Packed documents everywhere; swa, s4d, titans_lmm and landmark also unpacked (the
-  # unsplit call's block-sparse kernel / FFT convolution / aligned memory pass / block
-  # reshapes against the split forms).
+  # Packed documents everywhere; swa, s4d, titans_lmm, landmark and titans_mac also
+  # unpacked (the unsplit call's block-sparse kernel / FFT convolution / aligned memory
+  # pass / block reshapes / segment scan against the split forms).
   sizes = (2, 4, 8) if ALL else (SIZE[name],)
   cases = [(True, n) for n in sizes] + (
-      [(False, 4)] if name in ("swa", "s4d", "titans_lmm", "landmark") else [])
+      [(False, 4)] if name in ("swa", "s4d", "titans_lmm", "landmark", "titans_mac") else [])
+  if name in SLOW and not ALL:  # its packed split (the token scan handed on) is only in ALL
+    cases = [(False, 4)]
   # The split path is really taken (not XLA's partitioner gathering the whole sequence).
   split_calls = []
   for module in (cp.primitives, cp.recurrence, sys.modules["layers.context_parallel.attention"]):
