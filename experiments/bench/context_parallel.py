@@ -35,7 +35,8 @@ from lcm import registry
 
 _MIXERS = flags.DEFINE_list(
     "cp_mixers", ["attention", "swa", "mamba2", "gla", "gated_deltanet", "mamba", "s4d",
-                  "titans_lmm", "landmark", "titans_mac"], "Mixers (context_parallel).")
+                  "titans_lmm"], "Mixers (context_parallel; also landmark, titans_mac: "
+    "results/context_parallel_more).")
 _SIZES = flags.DEFINE_list("cp_sizes", ["1", "2", "4", "8"], "Splits n (context_parallel).")
 _T = flags.DEFINE_integer("cp_seq_len", 65536, "Tokens per row (context_parallel).")
 _D = flags.DEFINE_integer("cp_d_model", 64, "Model width (context_parallel).")
