@@ -11,9 +11,11 @@ traced inside ``layers.context_parallel.sequence_context`` as the trainer does, 
 ``Compiled.memory_analysis()`` gives the per-device bytes: ``temp`` (activations and
 scratch: what the split is for), ``argument`` and ``output``. The report gives each n's
 temp as a fraction of n = 1's and issue 27's target (n = 8: <= 0.2x for attention and every
-recurrent mixer) with pass / fail. With ``--cp_budget_mb`` > 0 it also doubles T from
-``--cp_search_from`` until temp exceeds the budget: the longest T that fits, per mixer and
-n.
+recurrent mixer) with pass / fail. With ``--cp_budget_mb`` > 0 it also finds, per mixer
+and n, the longest T of the form ``--cp_search_from x 2^k`` (up to ``--cp_search_to``)
+whose temp fits the budget: starting from the T that linear scaling of the measured temp
+predicts, doubling while it fits, else halving (about two compiles per mixer and n when
+memory is linear in T); the plot then has a second panel.
 
 Compile-only, so it runs on CPU with simulated devices (``JAX_NUM_CPU_DEVICES``) and says
 what the partitioned program holds per device; step time needs n real devices (simulated
@@ -42,7 +44,8 @@ _T = flags.DEFINE_integer("cp_seq_len", 65536, "Tokens per row (context_parallel
 _D = flags.DEFINE_integer("cp_d_model", 64, "Model width (context_parallel).")
 _BUDGET = flags.DEFINE_integer("cp_budget_mb", 0,
                                "Per-device temp budget for the longest-T search; 0 = off.")
-_SEARCH_FROM = flags.DEFINE_integer("cp_search_from", 16384, "First T of the search.")
+_SEARCH_FROM = flags.DEFINE_integer("cp_search_from", 4096,
+                                    "Smallest T of the search (T = this x 2^k).")
 _SEARCH_TO = flags.DEFINE_integer("cp_search_to", 1 << 20, "Last T of the search.")
 
 CODE = ("layers", "kernels", "experiments/bench")
@@ -92,19 +95,36 @@ def memory(name: str, n: int, seq_len: int, d_model: int) -> dict[str, int]:
           "output": int(ma.output_size_in_bytes)}
 
 
-def longest_fit(name: str, n: int, d_model: int, budget: int, start: int, stop: int):
+def longest_fit(name: str, n: int, d_model: int, budget: int, start: int, stop: int,
+                guess: int | None = None):
   """The largest T = start * 2^k <= stop whose temp fits in ``budget`` bytes (None if not
-  even ``start``)."""
-  best, t = None, start
-  while t <= stop:
-    if memory(name, n, t, d_model)["temp"] > budget:
-      break
-    best, t = t, t * 2
-  return best
+  even ``start``). ``guess`` (a T of that form, e.g. predicted from a measured temp by
+  linear scaling) is tried first: doubling from it while it fits, else halving until it
+  fits, so a mixer whose memory is linear in T costs about two compiles."""
+  fits = lambda t: memory(name, n, t, d_model)["temp"] <= budget
+  t = min(max(guess or start, start), stop)
+  if fits(t):
+    while t * 2 <= stop and fits(t * 2):
+      t *= 2
+    return t
+  while t > start:
+    t //= 2
+    if fits(t):
+      return t
+  return None
+
+
+def _pow2_guess(seq_len: int, temp: int, budget: int, start: int) -> int:
+  """start * 2^k nearest below the T where temp would reach ``budget`` if linear in T."""
+  target = seq_len * budget / max(temp, 1)
+  t = start
+  while t * 2 <= target:
+    t *= 2
+  return t
 
 
 def context_parallel_benchmark(mixers, sizes, seq_len, d_model, budget_mb=0,
-                               search_from=16384, search_to=1 << 20) -> dict:
+                               search_from=4096, search_to=1 << 20) -> dict:
   rows = {}
   for name in mixers:
     per_n = {n: memory(name, n, seq_len, d_model) for n in sizes}
@@ -113,8 +133,9 @@ def context_parallel_benchmark(mixers, sizes, seq_len, d_model, budget_mb=0,
                                temp_fraction=m["temp"] / base) for n, m in per_n.items()}
     if budget_mb:
       for n in sizes:
+        guess = _pow2_guess(seq_len, per_n[n]["temp"], budget_mb << 20, search_from)
         rows[name][str(n)]["longest_T_in_budget"] = longest_fit(
-            name, n, d_model, budget_mb << 20, search_from, search_to)
+            name, n, d_model, budget_mb << 20, search_from, search_to, guess)
   target = None
   if sizes[0] == 1 and TARGET_N in sizes:
     worst = {k: v[str(TARGET_N)]["temp_fraction"] for k, v in rows.items()}
@@ -133,7 +154,10 @@ def plot(report: dict, path: str) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, ax = plt.subplots(figsize=(6, 4))
+  search = bool(report.get("budget_mb"))
+  fig, axes = plt.subplots(1, 2 if search else 1, figsize=(11 if search else 6, 4),
+                           squeeze=False)
+  ax = axes[0, 0]
   sizes = report["sizes"]
   for name, row in report["mixers"].items():
     ax.plot(sizes, [row[str(n)]["temp"] / 2**20 for n in sizes], marker="o", label=name)
@@ -143,6 +167,16 @@ def plot(report: dict, path: str) -> None:
   ax.set_ylabel("per-device temp memory (MiB)")
   ax.set_title(f"one layer fwd+bwd, T = {report['seq_len']:,}")
   ax.legend(fontsize=7)
+  if search:
+    ax = axes[0, 1]
+    for name, row in report["mixers"].items():
+      ts = [row[str(n)].get("longest_T_in_budget") for n in sizes]
+      ax.plot(sizes, [t if t else float("nan") for t in ts], marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    ax.set_xlabel("sequence split n (devices)")
+    ax.set_ylabel("longest T (tokens)")
+    ax.set_title(f"longest T within {report['budget_mb']} MiB temp per device")
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)

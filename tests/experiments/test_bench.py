@@ -230,3 +230,23 @@ def test_context_parallel_benchmark_reports_per_device_memory():
   assert row["1"]["temp_fraction"] == 1.0
   assert 0 < row["2"]["temp"] < row["1"]["temp"]
   assert r["target"] is None  # n = 8 not measured
+
+
+def test_longest_fit_searches_from_the_guess(monkeypatch):
+  """The longest-T search against a fake memory (bytes = T, or T^2 / 1024): from a guess
+  that fits it doubles, from one that does not it halves, and None when even the start
+  does not fit; each T is compiled once."""
+  from experiments.bench import context_parallel  # pylint: disable=g-import-not-at-top
+  calls = []
+  cost = {"linear": lambda t: t, "quadratic": lambda t: t * t // 1024}
+  monkeypatch.setattr(context_parallel, "memory", lambda name, n, t, d: calls.append(t) or
+                      {"temp": cost[name](t)})
+  fit = lambda name, budget, guess: context_parallel.longest_fit(
+      name, 1, 8, budget, 256, 1 << 20, guess)
+  assert fit("linear", 5000, 1024) == 4096 and calls == [1024, 2048, 4096, 8192]
+  calls.clear()
+  assert fit("quadratic", 5000, 4096) == 2048 and calls == [4096, 2048]
+  assert fit("quadratic", 10, 4096) is None
+  assert fit("linear", 1 << 30, 1 << 19) == 1 << 20  # capped at stop
+  assert context_parallel._pow2_guess(65536, 100, 1000, 4096) == 524288  # 655,360 predicted
+
