@@ -4,7 +4,12 @@ A corpus is a directory (every file matching ``pattern`` below it), a glob, a si
 file, ArrayRecord files (one document per record), or ``"stdlib"``: the source files of
 the running Python's standard library (``sysconfig.get_paths()["stdlib"]``), which needs
 no download. Files are split into train / validation by a stable hash of their path
-relative to the corpus root, so the split is the same on every machine.
+relative to the corpus root, so the split is the same on every machine. When that leaves a
+split without one full row (one file, or a handful), the corpus is split by a *held-out
+tail* instead: all documents in path order form one stream, its last
+``max(ceil(validation_fraction x tokens), seq_len + 1)`` tokens are the validation split
+and the rest the training split (``Corpus.split_mode``; ``Corpus.describe()`` reports the
+sizes, the mode and the skipped files by name).
 
 Packing: the documents of a split are concatenated into one token stream with a parallel
 document-id stream; row ``r`` covers stream positions ``[r*T, r*T + T]`` (``T + 1`` tokens:
@@ -168,8 +173,15 @@ def split_of(relpath: str, validation_fraction: float) -> str:
   return "validation" if h / 2**64 < validation_fraction else "train"
 
 
-def _read_documents(files: list[str], skipped: dict[str, int]):
-  """Yields (path, text) for usable documents; counts what it skips and why."""
+def _read_documents(files: list[str], skipped: dict[str, int],
+                    skipped_files: list[tuple[str, str]] | None = None):
+  """Yields (path, text) for usable documents; counts what it skips and why (and lists
+  ``(path, reason)`` in ``skipped_files`` when given)."""
+  def skip(path, why):
+    skipped[why] = skipped.get(why, 0) + 1
+    if skipped_files is not None:
+      skipped_files.append((path, why))
+
   for f in files:
     if f.endswith(".array_record"):
       try:
@@ -177,11 +189,13 @@ def _read_documents(files: list[str], skipped: dict[str, int]):
         source = ards.ArrayRecordDataSource([f])
         records = [source[i] for i in range(len(source))]
       except Exception:  # pylint: disable=broad-except
-        skipped["unreadable"] = skipped.get("unreadable", 0) + 1
+        skip(f, "unreadable")
         continue
       for i, rec in enumerate(records):
-        text = _decode(rec, skipped)
-        if text is not None:
+        text, why = _decode(rec)
+        if why:
+          skip(f"{f}#{i}", why)
+        else:
           yield f"{f}#{i}", text
       continue
     try:
@@ -190,30 +204,29 @@ def _read_documents(files: list[str], skipped: dict[str, int]):
       with open(f, "rb") as fh:
         data = fh.read()
     except OSError:
-      skipped["unreadable"] = skipped.get("unreadable", 0) + 1
+      skip(f, "unreadable")
       continue
-    text = _decode(data, skipped)
-    if text is not None:
+    text, why = _decode(data)
+    if why:
+      skip(f, why)
+    else:
       yield f, text
 
 
-def _decode(data: bytes, skipped: dict[str, int]) -> str | None:
+def _decode(data: bytes) -> tuple[str | None, str | None]:
+  """(text, None) for a usable document, else (None, why it is skipped)."""
   if not data.strip():
-    skipped["empty"] = skipped.get("empty", 0) + 1
-    return None
+    return None, "empty"
   if b"\x00" in data:
-    skipped["binary"] = skipped.get("binary", 0) + 1
-    return None
+    return None, "binary"
   try:
-    return data.decode("utf-8")
+    return data.decode("utf-8"), None
   except UnicodeDecodeError as e:
     # Valid UTF-8 (with multi-byte characters, so it is UTF-8 text) cut inside its last
     # character: a truncated, partially copied file. "caf\xe9" (Latin-1) is not_utf8.
     truncated = (e.reason == "unexpected end of data" and e.end == len(data)
                  and max(data[:e.start], default=0) >= 0x80)
-    why = "truncated" if truncated else "not_utf8"
-    skipped[why] = skipped.get(why, 0) + 1
-    return None
+    return None, "truncated" if truncated else "not_utf8"
 
 
 # ----------------------------------------------------------------------------- corpus
@@ -230,6 +243,21 @@ class Corpus:
   skipped: dict[str, int]
   seq_len: int
   vocab_size: int
+  split_mode: str = "files"  # "files" (by path hash) or "tail" (a held-out tail)
+  skipped_files: tuple = ()  # ((path, reason), ...) of this split's skipped files
+
+  def describe(self, split: str) -> str:
+    """One line: the split's size, how the corpus was split, and what was skipped."""
+    how = ("split by file" if self.split_mode == "files" else
+           "a held-out tail of the corpus (too few files to split by file)")
+    line = (f"{split}: {self.num_documents} documents, {len(self.tokens):,} tokens, "
+            f"{self.num_rows:,} rows of {self.seq_len} ({how})")
+    if self.skipped_files:
+      names = ", ".join(f"{os.path.basename(p.split('#')[0])} ({why})"
+                        for p, why in self.skipped_files[:5])
+      more = len(self.skipped_files) - 5
+      line += f"; skipped {names}" + (f" and {more} more" if more > 0 else "")
+    return line
 
   @property
   def num_rows(self) -> int:
@@ -251,40 +279,77 @@ class Corpus:
     }
 
 
-@functools.lru_cache(maxsize=8)
 def load_corpus(cfg: TextConfig, split: str) -> Corpus:
-  """Reads, tokenises and packs one split (cached per config)."""
-  cfg.validate()
+  """Reads, tokenises and packs one split (both splits are built and cached together)."""
   if split not in ("train", "validation"):
     raise ValueError(f"split must be 'train' or 'validation', got {split!r}")
-  root, files = _root_and_files(cfg)
-  files = [f for f in files
-           if split_of(os.path.relpath(f, root) if root else f, cfg.validation_fraction) == split]
-  if cfg.max_files:
-    files = files[:cfg.max_files]
-  tok = make_tokenizer(cfg)
-  skipped: dict[str, int] = {}
-  pieces, ids, n_bytes, n_docs = [], [], 0, 0
-  for _, text in _read_documents(files, skipped):
+  return _load_splits(cfg)[split]
+
+
+def _tokenised(files, tok, skipped, skipped_files):
+  """[(path, tokens, utf-8 bytes)] of the usable, non-empty documents of ``files``."""
+  docs = []
+  for path, text in _read_documents(files, skipped, skipped_files):
     t = tok.encode(text)
-    if len(t) == 0:
-      continue
-    pieces.append(t)
-    ids.append(np.full(len(t), n_docs % 2**31, np.int32))
-    n_bytes += len(text.encode("utf-8"))
-    n_docs += 1
-  if not pieces:
-    why = ", ".join(f"{v} {k}" for k, v in skipped.items()) or "no files in this split"
-    raise ConfigError("data.path", f"no usable {split} documents in {cfg.path!r} ({why})")
-  tokens = np.concatenate(pieces)
+    if len(t):
+      docs.append((path, t, len(text.encode("utf-8"))))
+  return docs
+
+
+@functools.lru_cache(maxsize=4)
+def _load_splits(cfg: TextConfig) -> dict[str, Corpus]:
+  cfg.validate()
+  root, files = _root_and_files(cfg)
+  by_split = {"train": [], "validation": []}
+  for f in files:
+    by_split[split_of(os.path.relpath(f, root) if root else f, cfg.validation_fraction)].append(f)
+  tok = make_tokenizer(cfg)
   dtype = np.uint8 if tok.vocab_size <= 256 else np.int32
-  corpus = Corpus(tokens=tokens.astype(dtype), doc_ids=np.concatenate(ids),
-                  num_documents=n_docs, num_bytes=n_bytes, skipped=skipped,
-                  seq_len=cfg.seq_len, vocab_size=tok.vocab_size)
-  if corpus.num_rows < 1:
-    raise ConfigError("data.seq_len", f"the {split} split has only {len(tokens)} tokens, "
-                      f"fewer than one row of seq_len={cfg.seq_len}")
-  return corpus
+  docs, skipped, named = {}, {}, {}
+  for name, fs in by_split.items():
+    skipped[name], named[name] = {}, []
+    docs[name] = _tokenised(fs[:cfg.max_files] if cfg.max_files else fs, tok, skipped[name],
+                            named[name])
+  need = cfg.seq_len + 1  # tokens of one row
+  size = lambda ds: sum(len(t) for _, t, _ in ds)
+
+  def corpus(tokens, doc_ids, n_docs, n_bytes, name, mode):
+    return Corpus(tokens=tokens.astype(dtype), doc_ids=doc_ids, num_documents=n_docs,
+                  num_bytes=n_bytes, skipped=skipped[name], seq_len=cfg.seq_len,
+                  vocab_size=tok.vocab_size, split_mode=mode,
+                  skipped_files=tuple(named[name]))
+
+  if all(size(docs[n]) >= need for n in docs):  # split by file
+    out = {}
+    for name, ds in docs.items():
+      ids = [np.full(len(t), i % 2**31, np.int32) for i, (_, t, _) in enumerate(ds)]
+      out[name] = corpus(np.concatenate([t for _, t, _ in ds]), np.concatenate(ids), len(ds),
+                         sum(b for _, _, b in ds), name, "files")
+    return out
+  # Too few files for a split by file: hold out the tail of the whole stream.
+  every = sorted(docs["train"] + docs["validation"], key=lambda d: d[0])
+  total = size(every)
+  if not every:
+    why = ", ".join(f"{v} {k}" for k, v in
+                    {k: skipped["train"].get(k, 0) + skipped["validation"].get(k, 0)
+                     for k in {**skipped["train"], **skipped["validation"]}}.items())
+    raise ConfigError("data.path", f"no usable documents in {cfg.path!r} "
+                      f"({why or 'no files'})")
+  n_val = max(math.ceil(cfg.validation_fraction * total), need)
+  if total - n_val < need:
+    raise ConfigError("data.seq_len", f"the corpus {cfg.path!r} has {total:,} tokens, fewer "
+                      f"than one training and one validation row of seq_len={cfg.seq_len} "
+                      f"need (2 x {need:,} = {2 * need:,}); use a smaller seq_len or more text")
+  tokens = np.concatenate([t for _, t, _ in every])
+  doc_ids = np.concatenate([np.full(len(t), i % 2**31, np.int32)
+                            for i, (_, t, _) in enumerate(every)])
+  # UTF-8 bytes per token of each document, to split the byte count at the cut.
+  per_token = np.concatenate([np.full(len(t), b / len(t)) for _, t, b in every])
+  cut = total - n_val
+  parts = {"train": slice(0, cut), "validation": slice(cut, total)}
+  return {name: corpus(tokens[sl], doc_ids[sl], len(np.unique(doc_ids[sl])),
+                       int(round(per_token[sl].sum())), name, "tail")
+          for name, sl in parts.items()}
 
 
 @functools.lru_cache(maxsize=4)

@@ -136,3 +136,32 @@ def test_stdlib_default_corpus_loads():
   assert va.num_documents + sum(va.skipped.values()) == 20
   assert tr.num_rows > 10 and va.num_rows > 10 and tr.vocab_size == 256
   assert b"def " in bytes(tr.tokens)  # it is Python source
+
+
+def test_one_file_or_few_files_split_by_a_held_out_tail(tmp_path):
+  """One file (or files whose split by path leaves a split without a row) is split by a
+  held-out tail of the whole stream: validation = the last max(ceil(0.3 x N), T + 1)
+  tokens, train = the rest, together the whole text in path order; too little text for
+  one row each is a one-line error naming data.seq_len."""
+  one = tmp_path / "one.txt"
+  one.write_text("x" * 60 + "y" * 40)
+  tr, va = text.load_corpus(_cfg(one), "train"), text.load_corpus(_cfg(one), "validation")
+  assert (tr.split_mode, va.split_mode) == ("tail", "tail")
+  assert bytes(va.tokens) == b"y" * 30 and bytes(tr.tokens) == b"x" * 60 + b"y" * 10
+  assert tr.num_rows == 4 and va.num_rows == 1 and tr.num_bytes + va.num_bytes == 100
+  assert "held-out tail" in va.describe("validation") and "30 tokens" in va.describe("validation")
+  d = _corpus_dir(tmp_path)  # 12 short documents and bad files: split by file still
+  assert text.load_corpus(_cfg(d, seq_len=16), "train").split_mode == "files"
+  # seq_len 300: the validation files do not hold a row, so the tail; bad files are named.
+  tr = text.load_corpus(_cfg(d, seq_len=300), "train")
+  va = text.load_corpus(_cfg(d, seq_len=300), "validation")
+  assert tr.split_mode == "tail" and va.num_rows == 1
+  assert tr.num_documents + va.num_documents == 13  # the document at the cut is in both
+  described = tr.describe("train") + va.describe("validation")
+  assert "binary.txt (binary)" in described and "latin1.txt (not_utf8)" in described
+  small = tmp_path / "small.txt"
+  small.write_text("z" * 30)
+  with pytest.raises(ConfigError) as e:
+    text.load_corpus(_cfg(small), "train")
+  assert e.value.field == "data.seq_len" and "30 tokens" in str(e.value)
+  assert len(str(e.value).splitlines()) == 1
