@@ -18,7 +18,7 @@ for c in $${PYTHON:-} python3.13 python3.12 python3 /root/.pyenv/versions/3.1[2-
 done; exit 1
 endef
 
-.PHONY: train test venv venv-dev bench check-results clean
+.PHONY: train test venv venv-dev bench check-results clean clean-runs
 
 $(VENV)/.base: setup.cfg pyproject.toml
 	@py=$$($(find_python)) || { \
@@ -59,5 +59,10 @@ bench: $(VENV)/.bench
 check-results: $(VENV)/.base
 	$(PY) -m experiments.check_results
 
+# `clean` keeps runs/ (trained models and their metrics); `clean-runs` deletes it.
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) .pytest_cache
+	@[ ! -d runs ] || echo "kept runs/ (trained runs); 'make clean-runs' deletes it"
+
+clean-runs:
+	@[ ! -d runs ] || { echo "deleting runs/: $$(ls runs | wc -l) run(s)"; rm -rf runs; }
