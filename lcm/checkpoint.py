@@ -11,7 +11,8 @@ Crash safety, in three layers:
 * Every step carries a manifest, ``<step>/lcm_manifest.json``: the size and SHA-256 of each
   file Orbax wrote. It is computed in Orbax's post-finalization callback, i.e. inside the
   temporary directory *before* the rename, so a listed step always has its manifest
-  (steps written by older versions of this file have none and are only read-checked).
+  (steps written by older versions of this file have none; such a step, or one whose
+  manifest was deleted, is loaded with a one-line warning and only read-checked).
   The manifest only detects damage; Orbax still does all reading.
 * :meth:`Checkpointer.restore_latest` tries the newest step first. A step whose manifest
   does not match (a truncated, garbled or missing file) or that Orbax fails to read is
@@ -138,6 +139,7 @@ class Checkpointer:
     self.async_save = async_save
     self.verify = verify
     self._saving: int | None = None  # the step whose write is in flight
+    self._warned: set[int] = set()  # steps already reported as having no manifest
     # Always Orbax's async checkpointer (its post-finalization callback writes the
     # manifest before the rename); async_save=False waits for each save to finish.
     self._mngr = ocp.CheckpointManager(
@@ -197,11 +199,20 @@ class Checkpointer:
     return saved
 
   def check(self, step: int) -> str | None:
-    """None if step's files match its manifest (or it has none), else the problem."""
+    """None if step's files match its manifest, else the problem. A step without a
+    manifest (deleted, or written by an lcm that wrote none) is loaded unverified, with a
+    one-line warning (once per step)."""
     d = self.step_dir(step)
     if not os.path.isdir(d):
       return f"directory {d} is missing"
-    return verify_manifest(d) if self.verify else None
+    if not self.verify:
+      return None
+    if not os.path.exists(os.path.join(d, MANIFEST)) and step not in self._warned:
+      self._warned.add(step)
+      logging.warning("checkpoint step %d in %s has no %s (deleted, or written before lcm "
+                      "wrote manifests): its files cannot be checked for truncation or "
+                      "corruption; loading it unverified", step, self.directory, MANIFEST)
+    return verify_manifest(d)
 
   def restore(self, step: int, abstract_state: Any, data_iterator=None) -> Any:
     """Restores onto ``abstract_state`` (ShapeDtypeStructs with shardings); the iterator

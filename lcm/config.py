@@ -407,3 +407,28 @@ def validate(c: ml_collections.ConfigDict, *, num_devices: int | None = None) ->
     if c.eval.batch_size % batch_shards:
       raise ConfigError("eval.batch_size", f"must be divisible by mesh data*fsdp = "
                         f"{batch_shards} (got {c.eval.batch_size})")
+  tensor = mesh_shape(c.mesh, num_devices)["tensor"] if num_devices is not None else \
+      c.mesh.tensor
+  _check_tensor_heads(c, tensor)
+
+
+# Mixer Config fields that count heads (split over the ``tensor`` mesh axis, LOGICAL_RULES).
+HEAD_FIELDS = ("num_heads", "num_kv_heads", "attn_heads", "window_heads")
+
+
+def _check_tensor_heads(c: ml_collections.ConfigDict, tensor: int) -> None:
+  """A ``tensor`` axis larger than a layer's head count cannot split its heads: the sharding
+  rules would silently replicate them (lcm/sharding.py), so it is a config error. Checks the
+  head counts the mixers in the pattern declare (a count derived from other fields, e.g.
+  mamba2's d_inner / head_dim, is not checked)."""
+  if tensor <= 1:
+    return
+  for name in dict.fromkeys(pattern_names(c.model)):
+    fields = {**registry.config_fields(name), **dict(c.model.mixers.get(name, {}))}
+    for field in HEAD_FIELDS:
+      heads = fields.get(field)
+      if isinstance(heads, int) and not isinstance(heads, bool) and 0 < heads < tensor:
+        raise ConfigError("mesh.tensor", f"must be <= model.mixers.{name}.{field}={heads} "
+                          f"(got {tensor}): a tensor axis larger than a layer's head count "
+                          "cannot split its heads and would replicate them on every device; "
+                          f"lower mesh.tensor or raise {field}")

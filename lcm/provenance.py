@@ -134,6 +134,72 @@ class WorkdirBusyError(RuntimeError):
   """Another live process holds the workdir's lock."""
 
 
+class WorkdirError(ValueError):
+  """The workdir cannot hold a run: an empty path, a file, a directory that cannot be
+  created or written (read-only, under /proc, ...), or (for readers such as
+  ``experiments.generate``) a directory that holds no run."""
+
+
+def prepare_workdir(workdir: str | os.PathLike) -> str:
+  """Checks that ``workdir`` can hold a run and creates it; returns it as a str. Raises
+  :class:`WorkdirError` with a one-line reason; nothing is written into an existing
+  directory here (the lock file, :class:`WorkdirLock`, is the first file a run writes)."""
+  path = os.fspath(workdir)
+  if not path.strip():
+    raise WorkdirError("--workdir is empty; give a directory for the run's checkpoints and "
+                       "metrics (it is created when missing)")
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise WorkdirError(f"workdir {path} is a file, not a directory; give a directory (it is "
+                       "created when missing) as --workdir")
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as e:
+    raise WorkdirError(f"cannot create workdir {path} ({e.strerror or e}); give a "
+                       "writable directory as --workdir") from None
+  if not os.access(path, os.W_OK | os.X_OK):
+    raise WorkdirError(f"workdir {path} is not writable; give a writable directory as "
+                       "--workdir")
+  return path
+
+
+def one_line(text: Any) -> str:
+  """``text`` with every run of whitespace (newlines included) made one space."""
+  return " ".join(str(text).split())
+
+
+# errno values that mean "the disk, not the program": reported in words, exit status 1.
+_DISK_ERRORS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+                errno.EROFS: "read-only file system", errno.EIO: "input/output error"}
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+  out, seen = [], set()
+  while exc is not None and id(exc) not in seen:
+    seen.add(id(exc))
+    out.append(exc)
+    exc = exc.__cause__ or exc.__context__
+  return out
+
+
+def describe_failure(exc: BaseException) -> str:
+  """One line for an error that is not bad input: a full disk (found anywhere in the
+  exception's cause chain, e.g. under Orbax's asyncio errors) in words, anything else as
+  ``Type: first line of its message``."""
+  for e in _chain(exc):
+    if isinstance(e, OSError) and e.errno in _DISK_ERRORS:
+      where = f" writing {e.filename}" if e.filename else ""
+      return (f"{_DISK_ERRORS[e.errno]}{where}; free space (or fix the disk) and rerun the "
+              "same command: it resumes from the newest complete checkpoint")
+    text = str(e)
+    if "No space left on device" in text or "ENOSPC" in text:
+      return (f"no space left on device ({type(e).__name__}: {one_line(text)[:300]}); free "
+              "space and rerun the same command: it resumes from the newest complete "
+              "checkpoint")
+  lines = str(exc).strip().splitlines()
+  first = lines[0][:500] if lines else ""
+  return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
 def _holder_text(holder: Mapping[str, Any]) -> str:
   if not holder:
     return "a process that recorded no details"
@@ -162,7 +228,11 @@ class WorkdirLock:
     """Takes the lock; returns the stale holder's record (``{}`` when it wrote none) or
     None when there was no stale lock. Raises WorkdirBusyError when the lock is held."""
     while True:
-      fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+      try:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+      except OSError as e:
+        raise WorkdirError(f"cannot create the lock file {self.path} ({e.strerror or e}); "
+                           "give a writable directory as --workdir") from None
       try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
       except OSError as e:

@@ -338,8 +338,8 @@ def workdir_lock(workdir: str):
   if jax.process_index() == 0:
     try:
       stale = lock.acquire()
-    except provenance.WorkdirBusyError as e:
-      busy = e
+    except (provenance.WorkdirBusyError, provenance.WorkdirError) as e:
+      busy = e  # every process stops (a lock file process 0 cannot create: WorkdirError)
     else:
       if stale is not None:
         print(f"lcm: {workdir}: {provenance.describe_stale(stale)}", file=sys.stderr,
@@ -400,7 +400,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None, guard:
   returned as ``{"finished": True, **summary}`` without writing anything."""
   devices = list(jax.devices() if devices is None else devices)
   config_lib.validate(config, num_devices=len(devices))  # an invalid config writes nothing
-  os.makedirs(workdir, exist_ok=True)
+  workdir = provenance.prepare_workdir(workdir)  # a file, "", read-only: WorkdirError
   with workdir_lock(workdir):
     changes, finished = _check_restart(config, workdir, allow_config_change or not guard)
     if guard and finished is not None:
@@ -425,15 +425,19 @@ def _run_locked(config, workdir: str, devices, stop: ckpt_lib.StopRequest, chang
     ckpt.close()
     raise
   # Only now (the checkpoints, if any, fit this config) may config.json be replaced.
-  hosts = _hostnames()
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-      json.dump(_json_config(c), f, indent=2)
-    provenance.append_history(workdir, provenance.start_record(
-        _json_config(c), hosts=hosts, process_count=jax.process_count(),
-        device_count=len(devices), platform=devices[0].platform,
-        resumed_from=None if latest is None else int(latest), config_changes=changes,
-        allow_config_change=bool(allow_config_change)))
+  try:
+    hosts = _hostnames()
+    if jax.process_index() == 0:
+      with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(_json_config(c), f, indent=2)
+      provenance.append_history(workdir, provenance.start_record(
+          _json_config(c), hosts=hosts, process_count=jax.process_count(),
+          device_count=len(devices), platform=devices[0].platform,
+          resumed_from=None if latest is None else int(latest), config_changes=changes,
+          allow_config_change=bool(allow_config_change)))
+  except BaseException:  # e.g. a full disk: close Orbax's manager before the error leaves
+    ckpt.close()
+    raise
   if latest is not None:
     params, opt_state = restored["params"], restored["opt_state"]
     start = int(restored["step"])
