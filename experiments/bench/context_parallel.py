@@ -114,7 +114,7 @@ def longest_fit(name: str, n: int, d_model: int, budget: int, start: int, stop: 
   return None
 
 
-def _pow2_guess(seq_len: int, temp: int, budget: int, start: int) -> int:
+def linear_guess(seq_len: int, temp: int, budget: int, start: int) -> int:
   """start * 2^k nearest below the T where temp would reach ``budget`` if linear in T."""
   target = seq_len * budget / max(temp, 1)
   t = start
@@ -133,7 +133,7 @@ def context_parallel_benchmark(mixers, sizes, seq_len, d_model, budget_mb=0,
                                temp_fraction=m["temp"] / base) for n, m in per_n.items()}
     if budget_mb:
       for n in sizes:
-        guess = _pow2_guess(seq_len, per_n[n]["temp"], budget_mb << 20, search_from)
+        guess = linear_guess(seq_len, per_n[n]["temp"], budget_mb << 20, search_from)
         rows[name][str(n)]["longest_T_in_budget"] = longest_fit(
             name, n, d_model, budget_mb << 20, search_from, search_to, guess)
   target = None

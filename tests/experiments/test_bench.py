@@ -248,5 +248,5 @@ def test_longest_fit_searches_from_the_guess(monkeypatch):
   assert fit("quadratic", 5000, 4096) == 2048 and calls == [4096, 2048]
   assert fit("quadratic", 10, 4096) is None
   assert fit("linear", 1 << 30, 1 << 19) == 1 << 20  # capped at stop
-  assert context_parallel._pow2_guess(65536, 100, 1000, 4096) == 524288  # 655,360 predicted
+  assert context_parallel.linear_guess(65536, 100, 1000, 4096) == 524288  # 655,360 predicted
 
