@@ -452,12 +452,12 @@ def _run_locked(config, workdir: str, devices, stop: ckpt_lib.StopRequest, chang
   if latest is not None:
     progress.write(f"Resumed from step {start} ({ckpt.directory})")
   data_skipped = {}
-  if c.data.task == "text":  # files the corpus reader skipped, and why: never silent
-    corpus = text_lib.load_corpus(pipeline.text_config(c.data), "train")
+  if c.data.task == "text":  # split sizes, and the files the reader skipped: never silent
+    tcfg = pipeline.text_config(c.data)
+    corpus = text_lib.load_corpus(tcfg, "train")
     data_skipped = dict(corpus.skipped)
-    if data_skipped:
-      progress.write(f"data: training on {corpus.num_documents} documents; skipped "
-                     + ", ".join(f"{v} {k}" for k, v in sorted(data_skipped.items())))
+    progress.write("data: " + corpus.describe("train"))
+    progress.write("data: " + text_lib.load_corpus(tcfg, "validation").describe("validation"))
   tokens_per_step = c.data.batch_size * c.data.seq_len
   pending: list[tuple[int, dict]] = []
   last_loss = last_acc = None

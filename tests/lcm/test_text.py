@@ -165,3 +165,27 @@ def test_one_file_or_few_files_split_by_a_held_out_tail(tmp_path):
     text.load_corpus(_cfg(small), "train")
   assert e.value.field == "data.seq_len" and "30 tokens" in str(e.value)
   assert len(str(e.value).splitlines()) == 1
+
+
+def test_a_one_file_corpus_trains_from_the_command_line(tmp_path):
+  """``experiments.train`` on a single text file (before: "no usable validation documents")
+  trains, and says how the corpus was split (in-process ``cli_main``: the real argument
+  parsing, validation and training loop)."""
+  import contextlib  # pylint: disable=g-import-not-at-top
+  import io  # pylint: disable=g-import-not-at-top
+  from experiments import train as train_cli  # pylint: disable=g-import-not-at-top
+  corpus = tmp_path / "book.txt"
+  corpus.write_text("".join(f"line {i}: the quick brown fox\n" for i in range(200)))
+  out, err = io.StringIO(), io.StringIO()
+  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    code = train_cli.cli_main([
+        "experiments.train", "--config=configs/lm.py:attention", f"--workdir={tmp_path / 'run'}",
+        f"--config.data.path={corpus}", "--config.data.seq_len=32",
+        "--config.data.batch_size=8", "--config.model.d_model=16",
+        "--config.model.num_layers=1", "--config.train.steps=2",
+        "--config.train.warmup_steps=1", "--config.eval.num_examples=8",
+        "--config.eval.batch_size=8", "--config.train.progress=False"])
+  text_out = out.getvalue() + err.getvalue()
+  assert code == 0, text_out[-2000:]
+  assert "validation: 1 documents" in text_out and "held-out tail" in text_out
+  assert (tmp_path / "run" / "summary.json").exists()
