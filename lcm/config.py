@@ -398,6 +398,22 @@ def validate(c: ml_collections.ConfigDict, *, num_devices: int | None = None) ->
       raise ConfigError("data.seq_len", f"must be a multiple of mesh.sequence x (landmark "
                         f"block_size - 1) = {sequence} x {every} = {sequence * every} with "
                         f"a landmark layer (got {c.data.seq_len})")
+  if sequence > 1 and "titans_mac" in pattern_names(c.model):
+    # MAC's segment scan is split only over shards of whole segments (else it would run
+    # unsplit, silently holding the whole row); the layers' row is landmark-extended.
+    shard = c.data.seq_len // sequence
+    if "landmark" in pattern_names(c.model):
+      shard += shard // every
+    fields = {**registry.config_fields("titans_mac"),
+              **dict(c.model.mixers.get("titans_mac", {}))}
+    seg = int(fields["segment_len"])
+    if shard % seg:
+      raise ConfigError("data.seq_len", f"must give shards of whole titans_mac segments: "
+                        f"seq_len / mesh.sequence = {shard} tokens per shard (after landmark "
+                        f"tokens) is not a multiple of segment_len={seg} (got "
+                        f"{c.data.seq_len})" if "landmark" in pattern_names(c.model) else
+                        f"must be a multiple of mesh.sequence x titans_mac segment_len = "
+                        f"{sequence} x {seg} = {sequence * seg} (got {c.data.seq_len})")
   if num_devices is not None:
     shape = mesh_shape(c.mesh, num_devices)
     batch_shards = shape["data"] * shape["fsdp"]

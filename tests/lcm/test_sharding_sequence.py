@@ -62,6 +62,14 @@ def test_sequence_axis_config_errors_name_their_field():
   with pytest.raises(ConfigError) as e:
     config_lib.validate(c, num_devices=8)
   assert "4 x 31 = 124" in str(e.value)
+  # Titans MAC: shards of whole segments (else it would silently run unsplit).
+  c = tiny_config("titans_mac", **{"mesh.sequence": 4})
+  c.model.mixers.titans_mac = {"segment_len": 16, "chunk_size": 8}
+  with pytest.raises(ConfigError) as e:
+    config_lib.validate(c, num_devices=8)
+  assert e.value.field == "data.seq_len" and "4 x 16 = 64" in str(e.value)
+  c.model.mixers.titans_mac = {"segment_len": 8, "chunk_size": 8}
+  config_lib.validate(c, num_devices=8)
   c = tiny_config(**{"mesh.sequence": 4})
   config_lib.validate(c, num_devices=8)
   assert config_lib.mesh_shape(c.mesh, 8) == {"data": 2, "fsdp": 1, "tensor": 1,
