@@ -37,8 +37,8 @@ from lcm import registry
 
 _MIXERS = flags.DEFINE_list(
     "cp_mixers", ["attention", "swa", "mamba2", "gla", "gated_deltanet", "mamba", "s4d",
-                  "titans_lmm"], "Mixers (context_parallel; also landmark, titans_mac: "
-    "results/context_parallel_more).")
+                  "titans_lmm"], "Mixers (context_parallel; also landmark, titans_mac, "
+    "memory_caching: results/context_parallel_more).")
 _SIZES = flags.DEFINE_list("cp_sizes", ["1", "2", "4", "8"], "Splits n (context_parallel).")
 _T = flags.DEFINE_integer("cp_seq_len", 65536, "Tokens per row (context_parallel).")
 _D = flags.DEFINE_integer("cp_d_model", 64, "Model width (context_parallel).")
@@ -64,6 +64,8 @@ OVERRIDES = {
     # the exact grouped softmax below 512 positions, top-4 retrieval beyond.
     "landmark": {"num_heads": 2, "block_size": 64, "exact_len": 512, "top_k": 4},
     "titans_mac": {"num_heads": 2, "chunk_size": 16, "segment_len": 64, "attn_heads": 2},
+    # GLA inner; 256 cached segments (the aggregation is dense over them).
+    "memory_caching": {"num_heads": 2, "chunk_size": 64, "segment_len": 256},
 }
 TARGET_N, TARGET_FRACTION = 8, 0.2
 

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from kernels.common import suffix_sum
 from kernels.chunked_scan import linear_recurrence
 from kernels.delta_rule import delta_rule
+from layers import context_parallel
 from layers.common import append_ones, l2norm, normalise
 from layers import linear_attention as la
 from layers import neural_memory as nm
@@ -129,13 +130,18 @@ class MatrixMemory:
     return 0 if conv is None else conv.state_size(batch)
 
   @classmethod
-  def recur(cls, m, proj: dict, initial_state, reset):
+  def recur(cls, m, proj: dict, initial_state, reset, *, split: bool = True):
+    """The recurrence over ``proj``'s [B, T, ...] tokens -> (outputs, final state). With
+    ``split`` (a row of tokens, not a batch of segments) it is split over a ``sequence``
+    mesh in context (``layers.context_parallel``'s drop-ins for the two kernels)."""
     s0 = None if initial_state is None else initial_state.astype(jnp.float32)
     kw = dict(initial_state=s0, reset=reset, chunk_size=m.cfg.chunk_size, impl=m.cfg.impl)
     if cls.kind == "delta":
-      return delta_rule(proj["q"], proj["k"], proj["v"], proj["beta"].astype(proj["q"].dtype),
-                        proj["ld"], **kw)
-    return linear_recurrence(proj["q"], proj["k"], proj["v"], proj["ld"], **kw)
+      fn = context_parallel.delta_rule if split else delta_rule
+      return fn(proj["q"], proj["k"], proj["v"], proj["beta"].astype(proj["q"].dtype),
+                proj["ld"], **kw)
+    fn = context_parallel.linear_recurrence if split else linear_recurrence
+    return fn(proj["q"], proj["k"], proj["v"], proj["ld"], **kw)
 
   @classmethod
   def segment_final(cls, m, seg: dict, init: jax.Array) -> jax.Array:
@@ -145,7 +151,7 @@ class MatrixMemory:
     ``S_L = exp(sum_j g_j) S_0 + sum_j (k_j * exp(sum_{i>j} g_i)) v_j^T`` with the decay
     to the segment end a sum of exactly the gates in between (``suffix_sum``)."""
     if cls.kind == "delta":
-      return cls.recur(m, dict(seg, q=seg["k"]), init, None)[1]
+      return cls.recur(m, dict(seg, q=seg["k"]), init, None, split=False)[1]
     k, v, ld = seg["k"].astype(jnp.float32), seg["v"].astype(jnp.float32), seg["ld"]
     s0 = init.astype(jnp.float32)
     if ld is not None:

@@ -284,6 +284,9 @@ MIXERS = {
     "titans_mal": {"num_heads": 2, "chunk_size": 2, "depth": 1, "window": 6, "attn_heads": 2},
     "titans_mac": {"num_heads": 2, "chunk_size": 2, "depth": 1, "segment_len": 4,
                    "attn_heads": 2},
+    # The online recurrence split (the GLA inner's drop-in); the cached segment memories
+    # and their aggregation stay on XLA's partitioner.
+    "memory_caching": {"num_heads": 2, "chunk_size": 2, "segment_len": 4},
     "mom": {"num_heads": 2, "num_memories": 2, "top_k": 1, "chunk_size": 4, "impl": "xla"},
     # exact_len 8 < T: exact rows, then top-2 retrieval (packed: the dense form; unpacked:
     # shards of whole blocks, each block exact or retrieving).
@@ -291,9 +294,8 @@ MIXERS = {
 }
 # Not split (yet): XLA's partitioner gathers what they need, so they stay exact but hold
 # the whole sequence per device; checked under LCM_CP_ALL=1 (docs/context-parallel.md).
-UNSPLIT = {
-    "memory_caching": {"num_heads": 2, "chunk_size": 2, "segment_len": 4},
-}
+# None today: every registered mixer takes a split path.
+UNSPLIT = {}
 # Default suite: one size per mixer, so that each mechanism (all-gather, window and
 # convolution halos over one or two hops, no / per-head / per-channel / dense / sequential
 # hand-offs, documents spanning whole shards at 8) meets 2, 4 and 8 across the mixers.
@@ -302,7 +304,7 @@ ALL = os.environ.get("LCM_CP_ALL") == "1"
 SIZE = {"attention": 8, "swa": 8, "mamba2": 4, "linear_attention": 2, "retnet": 8, "gla": 4,
         "based": 8, "jrt": 2, "deltanet": 8, "gated_deltanet": 4, "mamba": 8, "s4d": 2,
         "titans_lmm": 8, "titans_mag": 4, "titans_mal": 2, "mom": 4,
-        "landmark": 8, "titans_mac": 2}
+        "landmark": 8, "titans_mac": 2, "memory_caching": 4}
 # Compile-heavy: the default suite checks only the unpacked split (LCM_CP_ALL=1 the rest).
 SLOW = {"titans_mac"}
 if ALL:
