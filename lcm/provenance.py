@@ -84,19 +84,39 @@ def command_line(argv: list[str] | None = None) -> str:
   return shlex.join(["python", *argv])
 
 
+def _dirty_in(status: str | None, paths: Iterable[str]) -> bool | None:
+  """Whether a ``git status --porcelain`` listing names a file under ``paths``."""
+  if status is None:
+    return None
+  changed = [line[3:].split(" -> ")[-1].strip('"') for line in status.splitlines() if line]
+  return any(c == p or c.startswith(p.rstrip("/") + "/") for c in changed for p in paths)
+
+
+# HEAD and the uncommitted files when this module was first imported, i.e. when the run
+# started: a results file names the code it was computed with even when commits land
+# while a long benchmark runs (``commit_at_write`` then records the later HEAD).
+_START = {"commit": commit(), "status": git("status", "--porcelain")}
+
+
 def record(code: Iterable[str] = DEFAULT_CODE, outputs: Iterable[str | os.PathLike] = (),
            command: str | None = None, **extra: Any) -> dict[str, Any]:
-  """The ``provenance`` object of a results file written now, from this checkout."""
+  """The ``provenance`` object of a results file written now, from this checkout: the
+  commit the process started from, and ``dirty`` if the ``code`` paths had uncommitted
+  changes at the start or have now."""
   code = sorted(set(code))
   out = [_repo_path(p) for p in outputs]
+  head = commit()
+  now, then = dirty(code), _dirty_in(_START["status"], code)
   rec = {
       "command": command or command_line(),
-      "commit": commit(),
-      "dirty": dirty(code),
+      "commit": _START["commit"] or head,
+      "dirty": None if now is None and then is None else bool(now or then),
       "date": utc_now(),
       "code": code,
       "outputs": sorted(out),
   }
+  if _START["commit"] and head != _START["commit"]:
+    rec["commit_at_write"] = head
   rec.update(extra)
   return rec
 

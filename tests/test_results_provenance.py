@@ -74,3 +74,16 @@ def test_sweep_writes_json_with_provenance_and_outputs(tmp_path):
   assert prov["outputs"] == sorted([out + ".csv", out + ".md"])
   assert all((tmp_path / "tables" / name).is_file() for name in ("sweep.csv", "sweep.md"))
   assert provenance.rows(report) == rows
+
+
+def test_provenance_names_the_commit_the_run_started_from(monkeypatch):
+  """Commits that land while a long benchmark runs do not relabel its results: the record
+  keeps the start commit (and its uncommitted files) and adds the HEAD at writing."""
+  monkeypatch.setattr(provenance, "_START", {"commit": "a" * 40,
+                                             "status": " M layers/landmark.py\n?? notes.txt\n"})
+  monkeypatch.setattr(provenance, "commit", lambda: "b" * 40)
+  monkeypatch.setattr(provenance, "dirty", lambda paths: False)
+  rec = provenance.record(code=["layers", "kernels"])
+  assert rec["commit"] == "a" * 40 and rec["commit_at_write"] == "b" * 40
+  assert rec["dirty"] is True  # layers/ had uncommitted changes when it started
+  assert provenance.record(code=["kernels"])["dirty"] is False
