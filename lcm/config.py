@@ -435,16 +435,23 @@ HEAD_FIELDS = ("num_heads", "num_kv_heads", "attn_heads", "window_heads")
 def _check_tensor_heads(c: ml_collections.ConfigDict, tensor: int) -> None:
   """A ``tensor`` axis larger than a layer's head count cannot split its heads: the sharding
   rules would silently replicate them (lcm/sharding.py), so it is a config error. Checks the
-  head counts the mixers in the pattern declare (a count derived from other fields, e.g.
-  mamba2's d_inner / head_dim, is not checked)."""
+  head counts the mixers in the pattern declare, and those a Config derives from other
+  fields (``derived_heads(d_model) -> (field, heads)``, e.g. mamba2's expand * d_model /
+  head_dim)."""
   if tensor <= 1:
     return
   for name in dict.fromkeys(pattern_names(c.model)):
-    fields = {**registry.config_fields(name), **dict(c.model.mixers.get(name, {}))}
-    for field in HEAD_FIELDS:
-      heads = fields.get(field)
+    overrides = dict(c.model.mixers.get(name, {}))
+    fields = {**registry.config_fields(name), **overrides}
+    counts = [(field, fields.get(field), f"model.mixers.{name}.{field}={fields.get(field)}",
+               f"raise {field}") for field in HEAD_FIELDS]
+    derive = getattr(registry.get(name).Config, "derived_heads", None)
+    if derive is not None:
+      field, heads = derive(registry.config(name, c.model.d_model, overrides), c.model.d_model)
+      counts.append((field, heads, f"{name}'s head count expand * d_model / {field} = {heads}",
+                     f"lower model.mixers.{name}.{field}"))
+    for field, heads, what, fix in counts:
       if isinstance(heads, int) and not isinstance(heads, bool) and 0 < heads < tensor:
-        raise ConfigError("mesh.tensor", f"must be <= model.mixers.{name}.{field}={heads} "
-                          f"(got {tensor}): a tensor axis larger than a layer's head count "
-                          "cannot split its heads and would replicate them on every device; "
-                          f"lower mesh.tensor or raise {field}")
+        raise ConfigError("mesh.tensor", f"must be <= {what} (got {tensor}): a tensor axis "
+                          "larger than a layer's head count cannot split its heads and would "
+                          f"replicate them on every device; lower mesh.tensor or {fix}")

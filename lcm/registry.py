@@ -120,6 +120,11 @@ def _build_config(name: str, d_model: int, overrides: Mapping[str, Any], prefix:
   return cls, cfg
 
 
+def config(name: str, d_model: int, overrides: Mapping[str, Any], *, prefix: str = ""):
+  """The mixer's validated Config (defaults updated by ``overrides``)."""
+  return _build_config(name, d_model, overrides, prefix)[1]
+
+
 def validate(name: str, d_model: int, overrides: Mapping[str, Any], *, prefix: str = "",
              seq_len: int | None = None) -> None:
   """Checks a mixer name, its override keys and values without building anything.

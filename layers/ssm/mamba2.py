@@ -61,6 +61,11 @@ class Mamba2Config:
   chunk_size: int = 256
   impl: str = "auto"
 
+  def derived_heads(self, d_model: int) -> tuple[str, int]:
+    """The head count (split over the ``tensor`` mesh axis) and the field that sets it:
+    H = expand * d_model / head_dim."""
+    return "head_dim", self.expand * d_model // self.head_dim
+
   def validate(self, d_model: int) -> None:
     check_pos_int(d_model, "d_model")
     check_pos_int(self.d_state, "d_state")

@@ -89,6 +89,19 @@ def test_mesh_and_batch_checked_against_devices():
   assert e.value.field == "data.batch_size"
 
 
+def test_tensor_axis_larger_than_a_derived_head_count_is_an_error():
+  """mamba2's heads are expand * d_model / head_dim (not a field): mesh.tensor above that
+  count would replicate its heads silently."""
+  c = mqar.get_config("mamba2")
+  c.model.d_model, c.mesh.tensor = 32, 2
+  c.model.mixers.mamba2 = {"head_dim": 64}  # 2 * 32 / 64 = 1 head
+  with pytest.raises(ConfigError) as e:
+    config_lib.validate(c, num_devices=8)
+  assert e.value.field == "mesh.tensor" and "head_dim = 1" in str(e.value)
+  c.model.mixers.mamba2 = {"head_dim": 16}  # 4 heads
+  config_lib.validate(c, num_devices=8)
+
+
 def test_default_configs_are_valid():
   config_lib.validate(mqar.get_config("attention"), num_devices=1)
   config_lib.validate(mqar.get_config("swa"), num_devices=1)
