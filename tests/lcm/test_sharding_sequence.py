@@ -125,6 +125,7 @@ def test_training_split_over_sequence_matches_one_device(monkeypatch):
   c = tiny_config("swa,mamba2,gated_deltanet,landmark",
                   **{"mesh.sequence": 4, "model.num_layers": 4})
   c.model.mixers.swa = {"num_heads": 2, "window": 6}
+  c.model.mixers.mamba2 = {"head_dim": 16}  # 4 heads: tensor = 2 splits them
   c.model.mixers.gated_deltanet = {"num_heads": 2, "chunk_size": 4, "impl": "xla"}
   c.model.mixers.landmark = {"num_heads": 2, "block_size": 5, "exact_len": 40}
   split = _losses(c, jax.devices())
