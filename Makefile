@@ -49,7 +49,7 @@ train: $(VENV)/.base
 # `-m "not experiment"` (also setup.cfg's default): experiment-scale tests stay out; run them
 # with `$(PY) -m pytest -m experiment ...` (docs/performance.md, "Test-suite time").
 test: $(VENV)/.dev
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not experiment" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not experiment" --durations=25 $(PYTEST_ARGS)
 
 # Layer throughput vs the published peers (mamba2-jax, titans-pytorch), in one process.
 bench: $(VENV)/.bench
