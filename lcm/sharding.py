@@ -25,6 +25,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from layers import context_parallel
+from layers.common import ConfigError
 from lcm import config as config_lib
 
 MESH_AXES = ("data", "fsdp", "tensor", context_parallel.AXIS)
@@ -71,6 +72,12 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
   (default: all)."""
   devices = list(jax.devices() if devices is None else devices)
   shape = config_lib.mesh_shape(mesh_cfg, len(devices))
+  local = jax.local_device_count()
+  if jax.process_count() > 1 and shape["sequence"] > 1 and local % shape["sequence"]:
+    # Each process feeds whole rows of its batch shards: a sequence group (the innermost
+    # axis, consecutive devices) must sit inside one process.
+    raise ConfigError("mesh.sequence", f"must divide the {local} devices of one process "
+                      f"(got {shape['sequence']}): the sequence axis cannot span hosts yet")
   n = math.prod(shape.values())
   dev = np.asarray(devices[:n]).reshape(tuple(shape[a] for a in MESH_AXES))
   return Mesh(dev, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))

@@ -76,6 +76,17 @@ def test_sequence_axis_config_errors_name_their_field():
                                               "sequence": 4}
 
 
+def test_sequence_axis_must_stay_within_a_process(monkeypatch):
+  """Multi-process: each process feeds whole rows, so a sequence group (consecutive
+  devices) must sit inside one process (simulated: 2 processes of 4 devices)."""
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(jax, "local_device_count", lambda: 4)
+  with pytest.raises(ConfigError) as e:
+    sharding.make_mesh(tiny_config(**{"mesh.sequence": 8}).mesh)
+  assert e.value.field == "mesh.sequence" and "4 devices of one process" in str(e.value)
+  assert sharding.make_mesh(tiny_config(**{"mesh.sequence": 4}).mesh).shape["sequence"] == 4
+
+
 def test_mesh_and_batch_layout():
   c = tiny_config(**{"mesh.sequence": 4})
   mesh = sharding.make_mesh(c.mesh)
