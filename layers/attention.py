@@ -237,7 +237,8 @@ class Attention(nnx.Module):
     q, k, v = self._qkv(x, pos)
     if context_parallel.sequence_mesh(t) is not None:  # T split over the `sequence` axis
       return self._project(context_parallel.attention(
-          q, k, v, segment_ids, window=self.cfg.window, attend=self._attend_heads))
+          q, k, v, segment_ids, window=self.cfg.window, attend=self._attend_heads,
+          scale=1.0 / math.sqrt(self.head_dim), dtype=self.dtype))
     if self.uses_block_sparse(t, segment_ids):
       return self._project(self._window_heads(q, k, v))
     i = jnp.arange(t)

@@ -10,18 +10,23 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from layers.context_parallel.primitives import AXIS, TIME, halo, sequence_mesh, shard_map
+from layers.context_parallel.primitives import (AXIS, TIME, halo, sequence_mesh, shard_map,
+                                                varying)
 
 __all__ = ["attention", "gathered_rows"]
 
 
-def attention(q, k, v, segment_ids, *, window: int | None, attend: Callable):
+def attention(q, k, v, segment_ids, *, window: int | None, attend: Callable,
+              scale: float | None = None, dtype=None):
   """Causal attention split over the context mesh's ``sequence`` axis (which must exist:
   check :func:`sequence_mesh` first). q ``[B, T, H, Dh]`` and k, v ``[B, T, Hkv, Dh]`` with
   RoPE applied; segment_ids ``[B, T]`` or None; ``attend(q, k, v, mask)`` the dense
   masked attention of one block of queries (mask ``[B or 1, Lq, Lk]``) -> ``[B, Lq, H,
-  Dh]``. Full attention all-gathers K / V; a window below ``T - L`` uses a halo and
-  attends band by band (``attend`` is vmapped over query blocks)."""
+  Dh]``. A window below ``T - L`` uses a halo and attends band by band (``attend`` is
+  vmapped over query blocks). Otherwise, with ``scale`` (plain softmax attention with
+  scores ``scale * q.k``, probabilities cast to ``dtype`` before the values), ring
+  attention (:func:`_ring`); without it (``attend`` is more than a softmax: MAG / MAL's
+  persistent tokens) K / V are all-gathered."""
   t = q.shape[1]
   mesh = sequence_mesh(t)
   if mesh is None:
@@ -46,6 +51,8 @@ def attention(q, k, v, segment_ids, *, window: int | None, attend: Callable):
   def body(ql, kl, vl, seg):
     r = jax.lax.axis_index(AXIS)
     q_pos = r * length + jnp.arange(length)
+    if not use_halo and scale is not None:
+      return _ring(ql, kl, vl, seg, window=window, scale=scale, dtype=dtype or ql.dtype)
     if not use_halo:
       keys = jax.lax.all_gather(kl, AXIS, axis=1, tiled=True)
       vals = jax.lax.all_gather(vl, AXIS, axis=1, tiled=True)
@@ -75,6 +82,72 @@ def attention(q, k, v, segment_ids, *, window: int | None, attend: Callable):
   return shard_map(body, mesh, (TIME, TIME, TIME, seg_spec), TIME)(
       q, k, v, segment_ids)
 
+
+
+def _ring(ql, kl, vl, seg, *, window, scale, dtype):
+  """Ring attention for this shard's queries (inside the shard_map over ``sequence``).
+
+  n rounds: in round i this shard holds the K / V (and segment ids) of shard
+  ``j = (r - i) mod n`` and passes them on to ``r + 1`` (``ppermute``); blocks in the
+  causal future (``j > r``) are skipped (a ``lax.cond``). The softmax is accumulated
+  online in fp32 (running max ``m``, normaliser ``l``, unnormalised output ``o``):
+
+      m' = max(m, max_k s),  l' = l e^{m - m'} + sum_k e^{s - m'},
+      o' = o e^{m - m'} + sum_k e^{s - m'} v_k,      y = o / l at the end.
+
+  Each round is rematerialised (``jax.checkpoint``), so the backward keeps the round's
+  K / V block and the small carries, never an ``[L, T]`` score block: per-device memory
+  is O(T / n) for scores and O(T) for the received blocks, where the all-gather held
+  ``[L, T]`` scores. GQA: q ``[B, L, H, Dh]`` against ``Hkv`` key heads."""
+  n = jax.lax.axis_size(AXIS)
+  r = jax.lax.axis_index(AXIS)
+  b, length, h, dh = ql.shape
+  hkv = kl.shape[2]
+  g = h // hkv
+  qg = ql.reshape(b, length, hkv, g, dh)
+  q_pos = r * length + jnp.arange(length)
+  shift = [(i, (i + 1) % n) for i in range(n)]
+  neg = jnp.float32(-1e30)
+
+  @jax.checkpoint
+  def update(carry, blk):
+    o, m, l = carry
+    kb, vb, sb, j = blk
+    k_pos = j * length + jnp.arange(length)
+    s = jnp.einsum("bqhgd,bkhd->bhgqk", qg, kb.astype(qg.dtype),
+                   preferred_element_type=jnp.float32) * scale
+    diff = q_pos[:, None] - k_pos[None, :]
+    mask = (diff >= 0)[None]
+    if window is not None:
+      mask = mask & (diff < window)[None]
+    if sb is not None:
+      mask = mask & (seg[:, :, None] == sb[:, None, :])
+    mask = mask[:, None, None]  # [B or 1, 1, 1, L, L]
+    s = jnp.where(mask, s, neg)
+    # The output does not depend on the running max (it cancels): no gradient through it.
+    m_new = jax.lax.stop_gradient(jnp.maximum(m, jnp.max(s, axis=-1)))
+    p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
+    alpha = jnp.exp(m - m_new)
+    l_new = l * alpha + jnp.sum(p, axis=-1)
+    pv = jnp.einsum("bhgqk,bkhd->bhgqd", p.astype(dtype), vb.astype(dtype),
+                    preferred_element_type=jnp.float32)
+    return o * alpha[..., None] + pv, m_new, l_new
+
+  def round_(i, carry):
+    o, m, l, kb, vb, sb = carry
+    j = (r - i) % n
+    o, m, l = jax.lax.cond(j <= r, lambda c: update(c, (kb, vb, sb, j)), lambda c: c,
+                           (o, m, l))
+    kb, vb = (jax.lax.ppermute(a, AXIS, shift) for a in (kb, vb))
+    sb = None if sb is None else jax.lax.ppermute(sb, AXIS, shift)
+    return o, m, l, kb, vb, sb
+
+  o0 = varying(jnp.zeros((b, hkv, g, length, dh), jnp.float32), AXIS)
+  m0 = varying(jnp.full((b, hkv, g, length), neg), AXIS)
+  l0 = varying(jnp.zeros((b, hkv, g, length), jnp.float32), AXIS)
+  o, _, l, *_ = jax.lax.fori_loop(0, n, round_, (o0, m0, l0, kl, vl, seg))
+  y = o / jnp.maximum(l, 1e-30)[..., None]  # every query sees itself: l >= 1
+  return jnp.moveaxis(y, 3, 1).reshape(b, length, h, dh).astype(dtype)
 
 
 def gathered_rows(rows: Callable, q, keys, segment_ids):
