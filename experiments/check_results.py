@@ -24,12 +24,31 @@ import json
 import pathlib
 import sys
 
-from absl import app
 from absl import flags
 
+from experiments import cli
 from lcm import provenance
 
-_RESULTS = flags.DEFINE_string("results", "results", "Results folder (relative to the repo).")
+
+
+def _define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
+  """The flags, in ``fv`` (a fresh one per :func:`cli_main` call)."""
+  global _RESULTS
+  _RESULTS = flags.DEFINE_string("results", "results", "Results folder (relative to the "
+                                 "repo).", flag_values=fv)
+
+
+def _check() -> None:
+  folder = _RESULTS.value
+  if not folder.strip():
+    raise cli.CommandLineError("--results is empty; give the results folder, relative to the "
+                               "repository (default: results)")
+  path = provenance.ROOT / folder
+  if not path.exists():
+    raise cli.CommandLineError(f"--results={folder}: {path} does not exist; give a folder of "
+                               "the repository that holds results (default: results)")
+  if not path.is_dir():
+    raise cli.CommandLineError(f"--results={folder}: {path} is a file, not a folder")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,8 +125,15 @@ def main(argv):
     print(line + (f"\n{'':14s}regenerate: {f.command}" if f.command else ""))
   print(f"{current} results files current, {len(bad)} stale / without provenance / "
         f"unaccounted")
-  sys.exit(1 if bad else 0)
+  return 1 if bad else 0
+
+
+def cli_main(argv=None) -> int:
+  """``python -m experiments.check_results`` in-process: 0 all current, 1 something reported,
+  2 bad input (one line on stderr, experiments/cli.py)."""
+  return cli.run(argv, doc=__doc__, define=_define_flags, check=_check,
+                 main=lambda rest: main(rest))  # pylint: disable=unnecessary-lambda
 
 
 if __name__ == "__main__":
-  app.run(main)
+  sys.exit(cli_main(sys.argv))

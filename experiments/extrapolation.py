@@ -207,22 +207,59 @@ def main(argv):
   print(table(result) + f"-> {out}.json, {out}.png")
 
 
-def _define_flags() -> None:
-  """Flags only when run as a program (tests import this next to other experiments)."""
+def _define_flags(fv=None) -> None:
+  """Flags only when run as a program (tests import this next to other experiments); in
+  ``fv`` (default: absl's global flags)."""
   global _WORKDIR, _LENGTHS, _EXAMPLES, _BATCH, _STEP, _OUT
   from absl import flags  # pylint: disable=import-outside-toplevel
-  _WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir (experiments.train).")
+  fv = flags.FLAGS if fv is None else fv
+  _WORKDIR = flags.DEFINE_string("workdir", None, "A training workdir (experiments.train).",
+                                 flag_values=fv)
   _LENGTHS = flags.DEFINE_list("lengths", ["1x", "2x", "4x"],
-                               "Multiples of the training length (2x) or lengths (512).")
+                               "Multiples of the training length (2x) or lengths (512).",
+                               flag_values=fv)
   _EXAMPLES = flags.DEFINE_integer("examples", 0, "Held-out examples per length (0: the "
-                                   "run's eval.num_examples).")
-  _BATCH = flags.DEFINE_integer("batch_size", 0, "Eval batch (0: the run's eval.batch_size).")
-  _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
-  _OUT = flags.DEFINE_string("out", "", "Output prefix (default results/extrapolation/<run>).")
-  flags.mark_flag_as_required("workdir")
+                                   "run's eval.num_examples).", flag_values=fv)
+  _BATCH = flags.DEFINE_integer("batch_size", 0, "Eval batch (0: the run's eval.batch_size).",
+                                flag_values=fv)
+  _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).",
+                               flag_values=fv)
+  _OUT = flags.DEFINE_string("out", "", "Output prefix (default results/extrapolation/<run>).",
+                             flag_values=fv)
+  flags.mark_flag_as_required("workdir", flag_values=fv)
+
+
+def _check() -> None:
+  """Before loading the model: the workdir holds a run with a checkpoint (at --step), the
+  lengths parse against its training length, the counts are >= 0, the output is writable."""
+  from experiments import cli  # pylint: disable=import-outside-toplevel
+  from lcm import generate  # pylint: disable=import-outside-toplevel
+  cli.check_int("examples", _EXAMPLES.value, min_value=0, what=" (0: the run's "
+                "eval.num_examples)")
+  cli.check_int("batch_size", _BATCH.value, min_value=0, what=" (0: the run's "
+                "eval.batch_size)")
+  if _STEP.value is not None:
+    cli.check_int("step", _STEP.value, min_value=0)
+  cli.check_run_workdir("workdir", _WORKDIR.value, step=_STEP.value)
+  config = generate.load_config(_WORKDIR.value)
+  try:
+    parse_lengths(_LENGTHS.value, int(config.data.seq_len))
+  except ConfigError as e:
+    raise cli.CommandLineError(f"--{e}") from None
+  if _OUT.value:
+    cli.check_out_prefix("out", _OUT.value)
+
+
+def cli_main(argv=None) -> int:
+  """``python -m experiments.extrapolation`` in-process: the exit status; bad input is one
+  line on stderr (experiments/cli.py)."""
+  from experiments import cli  # pylint: disable=import-outside-toplevel
+  return cli.run(argv, doc=__doc__, define=_define_flags, check=_check,
+                 main=lambda rest: main(rest))  # pylint: disable=unnecessary-lambda
 
 
 if __name__ == "__main__":
-  from absl import app  # pylint: disable=g-import-not-at-top
-  _define_flags()
-  app.run(main)
+  import sys  # pylint: disable=g-import-not-at-top
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  absl_logging.use_absl_handler()
+  sys.exit(cli_main(sys.argv))

@@ -36,19 +36,80 @@ import subprocess
 import sys
 import time
 
-from absl import app, flags, logging
+from absl import flags, logging
 
+from experiments import cli
 from lcm import provenance
 
-_KILLS = flags.DEFINE_integer("kills", 20, "Number of SIGKILLs.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the kill schedule.")
-_STEPS = flags.DEFINE_integer("steps", 60, "Training steps.")
-_EVERY = flags.DEFINE_integer("checkpoint_every", 2, "Steps between checkpoints.")
-_KEEP = flags.DEFINE_integer("keep", 3, "Checkpoints kept by the killed run.")
-_CORRUPT = flags.DEFINE_list("corrupt_at", ["8", "14"],
-                             "After these kills (1-based) damage the newest checkpoint.")
-_WORKDIR = flags.DEFINE_string("workdir", "/tmp/lcm_fault_injection", "Scratch directory.")
-_OUT = flags.DEFINE_string("out", "results/crash_safety.json", "Output JSON.")
+
+
+def _define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
+  """The flags, in ``fv`` (a fresh one per :func:`cli_main` call)."""
+  global _KILLS, _SEED, _STEPS, _EVERY, _KEEP, _CORRUPT, _WORKDIR, _OUT
+  _KILLS = flags.DEFINE_integer("kills", 20, "Number of SIGKILLs.", flag_values=fv)
+  _SEED = flags.DEFINE_integer("seed", 0, "Seed of the kill schedule.", flag_values=fv)
+  _STEPS = flags.DEFINE_integer("steps", 60, "Training steps.", flag_values=fv)
+  _EVERY = flags.DEFINE_integer("checkpoint_every", 2, "Steps between checkpoints.",
+                                flag_values=fv)
+  _KEEP = flags.DEFINE_integer("keep", 3, "Checkpoints kept by the killed run.",
+                               flag_values=fv)
+  _CORRUPT = flags.DEFINE_list("corrupt_at", ["8", "14"],
+                               "After these kills (1-based) damage the newest checkpoint.",
+                               flag_values=fv)
+  _WORKDIR = flags.DEFINE_string("workdir", "/tmp/lcm_fault_injection", "Scratch directory "
+                                 "(deleted and recreated: it must be missing, empty or an "
+                                 "earlier fault-injection scratch directory).", flag_values=fv)
+  _OUT = flags.DEFINE_string("out", "results/crash_safety.json", "Output JSON.",
+                             flag_values=fv)
+
+
+# What an earlier run leaves in --workdir (main deletes the folder before it starts).
+SCRATCH = ("ref", "killed", "jax_cache", "ref.log")
+
+
+def _check() -> None:
+  """Before any training: counts (the schedule needs kills - 2 distinct target steps below
+  --steps), --corrupt_at within the kills, and a --workdir that is safe to delete."""
+  cli.check_int("kills", _KILLS.value, min_value=1)
+  cli.check_int("steps", _STEPS.value, min_value=2)
+  if _KILLS.value - min(2, _KILLS.value) > _STEPS.value - 1:
+    raise cli.CommandLineError(f"--kills={_KILLS.value}: at most --steps + 1 = "
+                               f"{_STEPS.value + 1} kills fit in {_STEPS.value} steps (two "
+                               "during start-up, the rest at distinct steps); lower --kills "
+                               "or raise --steps")
+  cli.check_int("checkpoint_every", _EVERY.value, min_value=1, max_value=_STEPS.value,
+                what=" (at most --steps)")
+  cli.check_int("keep", _KEEP.value, min_value=1)
+  corrupt = cli.int_list("corrupt_at", [c for c in _CORRUPT.value if c], min_value=1,
+                         allow_empty=True)
+  late = [c for c in corrupt if c > _KILLS.value]
+  if late:
+    raise cli.CommandLineError(f"--corrupt_at: {late[0]} is after the last kill "
+                               f"(--kills={_KILLS.value}); give kill numbers 1..{_KILLS.value}")
+  root = _WORKDIR.value
+  if not root.strip():
+    raise cli.CommandLineError("--workdir is empty; give a scratch directory (it is deleted "
+                               "and recreated)")
+  if os.path.exists(root):
+    if not os.path.isdir(root):
+      raise cli.CommandLineError(f"--workdir={root}: is a file, not a directory; give a "
+                                 "scratch directory (it is deleted and recreated)")
+    entries = set(os.listdir(root))
+    if entries and not entries & set(SCRATCH):
+      raise cli.CommandLineError(
+          f"--workdir={root}: holds files of something else ({', '.join(sorted(entries)[:3])}"
+          f"{', ...' if len(entries) > 3 else ''}) and would be deleted; give a missing or "
+          "empty directory, or an earlier fault-injection scratch directory")
+  cli.check_dir("workdir", root)
+  cli.check_out_file("out", _OUT.value)
+
+
+def cli_main(argv=None) -> int:
+  """``python -m experiments.fault_injection`` in-process: the exit status; bad input is one
+  line on stderr (experiments/cli.py)."""
+  return cli.run(argv, doc=__doc__, define=_define_flags, check=_check,
+                 main=lambda rest: main(rest))  # pylint: disable=unnecessary-lambda
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # What the verdicts depend on (lcm.provenance): the trainer and checkpointing (lcm), the model
@@ -342,9 +403,9 @@ def main(argv):
   print(json.dumps({k: v for k, v in summary.items() if k not in ("records", "config")},
                    indent=1))
   print(f"-> {_OUT.value}")
-  if not summary["passed"]:
-    sys.exit(1)
+  return 0 if summary["passed"] else 1
 
 
 if __name__ == "__main__":
-  app.run(main)
+  logging.use_absl_handler()  # warnings in absl's format, as under absl.app
+  sys.exit(cli_main(sys.argv))

@@ -16,8 +16,7 @@ from typing import Sequence
 
 from absl import flags, logging
 
-from experiments.train import (CommandLineError, error_line, report,  # shared error lines
-                               wants_debug)
+from experiments.cli import CommandLineError, error_line, report, wants_debug
 from lcm import generate
 
 USAGE = ("python -m experiments.generate --workdir=DIR [--prompt=TEXT] [--max_new_tokens=N] "

@@ -13,24 +13,58 @@ interrupted table continues where it stopped. Writes ``<out>.md`` (the table),
 import json
 import os
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from configs import lm
+from experiments import cli
+from layers.common import ConfigError
 from lcm import provenance, train
 from lcm.evals import plots
 
 # What the table depends on (lcm.provenance): the model, the configs, this driver.
 CODE = ("kernels", "layers", "lcm", "configs", "experiments/lm_table.py")
 
-_MIXERS = flags.DEFINE_list("mixers", ["attention", "swa", "mamba2", "gated_deltanet", "gla",
-                                       "mamba", "titans_mac"], "Mixer patterns to compare.")
-_STEPS = flags.DEFINE_integer("steps", 300, "Training steps per mixer.")
-_D_MODEL = flags.DEFINE_integer("d_model", 64, "Model width.")
-_LAYERS = flags.DEFINE_integer("num_layers", 2, "Layers.")
-_SEQ = flags.DEFINE_integer("seq_len", 256, "Training length.")
-_BATCH = flags.DEFINE_integer("batch_size", 8, "Global batch.")
-_RUNS = flags.DEFINE_string("runs", "runs/lm_table", "Workdirs root.")
-_OUT = flags.DEFINE_string("out", "results/lm", "Output prefix (<out>.md and <out>/).")
+
+
+def _define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
+  """The flags, in ``fv`` (a fresh one per :func:`cli_main` call; tests import this module
+  next to other experiments whose flags share names)."""
+  global _MIXERS, _STEPS, _D_MODEL, _LAYERS, _SEQ, _BATCH, _RUNS, _OUT
+  _MIXERS = flags.DEFINE_list("mixers", ["attention", "swa", "mamba2", "gated_deltanet", "gla",
+                                         "mamba", "titans_mac"], "Mixer patterns to compare.",
+                              flag_values=fv)
+  _STEPS = flags.DEFINE_integer("steps", 300, "Training steps per mixer.", flag_values=fv)
+  _D_MODEL = flags.DEFINE_integer("d_model", 64, "Model width.", flag_values=fv)
+  _LAYERS = flags.DEFINE_integer("num_layers", 2, "Layers.", flag_values=fv)
+  _SEQ = flags.DEFINE_integer("seq_len", 256, "Training length.", flag_values=fv)
+  _BATCH = flags.DEFINE_integer("batch_size", 8, "Global batch.", flag_values=fv)
+  _RUNS = flags.DEFINE_string("runs", "runs/lm_table", "Workdirs root.", flag_values=fv)
+  _OUT = flags.DEFINE_string("out", "results/lm", "Output prefix (<out>.md and <out>/).",
+                             flag_values=fv)
+
+
+def _check() -> None:
+  """Before any training: mixers, counts, every mixer's config, the output paths."""
+  from lcm import config as config_lib  # pylint: disable=import-outside-toplevel
+  cli.check_mixers("mixers", _MIXERS.value)
+  for flag, holder in (("steps", _STEPS), ("d_model", _D_MODEL), ("num_layers", _LAYERS),
+                       ("seq_len", _SEQ), ("batch_size", _BATCH)):
+    cli.check_int(flag, holder.value, min_value=1)
+  for name in _MIXERS.value:
+    try:
+      config_lib.validate(mixer_config(name))
+    except ConfigError as e:
+      raise cli.CommandLineError(f"--mixers={name}: with these flags the config is invalid: "
+                                 f"{e}") from None
+  cli.check_dir("runs", _RUNS.value)
+  cli.check_out_prefix("out", _OUT.value, makes_dir=True)
+
+
+def cli_main(argv=None) -> int:
+  """``python -m experiments.lm_table`` in-process: the exit status; bad input is one line on
+  stderr (experiments/cli.py)."""
+  return cli.run(argv, doc=__doc__, define=_define_flags, check=_check,
+                 main=lambda rest: main(rest))  # pylint: disable=unnecessary-lambda
 
 
 def mixer_config(name: str):
@@ -81,4 +115,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  import sys  # pylint: disable=g-import-not-at-top
+  logging.use_absl_handler()  # warnings in absl's format, as under absl.app
+  sys.exit(cli_main(sys.argv))

@@ -18,18 +18,51 @@ from __future__ import annotations
 import json
 import os
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from configs import mqar
+from experiments import cli
+from layers.common import ConfigError
 from lcm import provenance, registry, train
 
 # What the table depends on (lcm.provenance): the model, the configs, this driver.
 CODE = ("kernels", "layers", "lcm", "configs", "experiments/mqar_table.py")
 
-_MIXERS = flags.DEFINE_list("mixers", None, "Mixer patterns (default: every registered name).")
-_STEPS = flags.DEFINE_integer("steps", 0, "Training steps per mixer (0: the config's 1500).")
-_RUNS = flags.DEFINE_string("runs", "runs/mqar_table", "Workdirs root.")
-_OUT = flags.DEFINE_string("out", "results/mqar", "Output prefix (<out>.md and <out>/).")
+
+
+def _define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
+  """The flags, in ``fv`` (a fresh one per :func:`cli_main` call; tests import this module
+  next to other experiments whose flags share names)."""
+  global _MIXERS, _STEPS, _RUNS, _OUT
+  _MIXERS = flags.DEFINE_list("mixers", None, "Mixer patterns (default: every registered "
+                              "name).", flag_values=fv)
+  _STEPS = flags.DEFINE_integer("steps", 0, "Training steps per mixer (0: the config's 1500).",
+                                flag_values=fv)
+  _RUNS = flags.DEFINE_string("runs", "runs/mqar_table", "Workdirs root.", flag_values=fv)
+  _OUT = flags.DEFINE_string("out", "results/mqar", "Output prefix (<out>.md and <out>/).",
+                             flag_values=fv)
+
+
+def _check() -> None:
+  """Before any training: mixers, steps, every mixer's config, the output paths."""
+  from lcm import config as config_lib  # pylint: disable=import-outside-toplevel
+  if _MIXERS.value is not None:
+    cli.check_mixers("mixers", _MIXERS.value)
+  cli.check_int("steps", _STEPS.value, min_value=0, what=" (0: the config's)")
+  for name in _MIXERS.value or registry.names():
+    try:
+      config_lib.validate(mixer_config(name, _STEPS.value))
+    except ConfigError as e:
+      raise cli.CommandLineError(f"--mixers={name}: the config is invalid: {e}") from None
+  cli.check_dir("runs", _RUNS.value)
+  cli.check_out_prefix("out", _OUT.value, makes_dir=True)
+
+
+def cli_main(argv=None) -> int:
+  """``python -m experiments.mqar_table`` in-process: the exit status; bad input is one line on
+  stderr (experiments/cli.py)."""
+  return cli.run(argv, doc=__doc__, define=_define_flags, check=_check,
+                 main=lambda rest: main(rest))  # pylint: disable=unnecessary-lambda
 
 
 def mixer_config(name: str, steps: int = 0):
@@ -130,4 +163,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  import sys  # pylint: disable=g-import-not-at-top
+  logging.use_absl_handler()  # warnings in absl's format, as under absl.app
+  sys.exit(cli_main(sys.argv))

@@ -18,25 +18,71 @@ import json
 import os
 
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
 from configs import passkey as passkey_config
-from lcm import generate, provenance, registry, train
+from experiments import cli
+from layers.common import ConfigError
+from lcm import generate, provenance, train
 from lcm.evals import needle
 
 # What the table and plots depend on (lcm.provenance): the model, the configs, this driver.
 CODE = ("kernels", "layers", "lcm", "configs", "experiments/needle.py")
 
-_MIXERS = flags.DEFINE_list("mixers", ["titans_mac", "mamba2", "gated_deltanet", "attention"],
-                            "Mixer patterns to compare.")
-_TRAIN_LEN = flags.DEFINE_integer("train_len", 128, "Training sequence length.")
-_FACTORS = flags.DEFINE_list("factors", ["1", "2", "4"], "Test lengths as multiples of it.")
-_DEPTHS = flags.DEFINE_list("depths", ["0", "0.25", "0.5", "0.75", "1"], "Needle depths.")
-_STEPS = flags.DEFINE_integer("steps", 0, "Training steps (0: the config's).")
-_D_MODEL = flags.DEFINE_integer("d_model", 0, "Model width (0: the config's).")
-_EXAMPLES = flags.DEFINE_integer("examples", 64, "Test examples per (depth, length) cell.")
-_RUNS = flags.DEFINE_string("runs", "runs/needle", "Workdirs root.")
-_OUT = flags.DEFINE_string("out", "results/needle", "Output prefix (<out>.md and <out>/).")
+
+
+def _define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
+  """The flags, in ``fv`` (a fresh one per :func:`cli_main` call; tests import this module
+  next to other experiments whose flags share names)."""
+  global _MIXERS, _TRAIN_LEN, _FACTORS, _DEPTHS, _STEPS, _D_MODEL, _EXAMPLES, _RUNS, _OUT
+  _MIXERS = flags.DEFINE_list("mixers", ["titans_mac", "mamba2", "gated_deltanet",
+                                         "attention"], "Mixer patterns to compare.",
+                              flag_values=fv)
+  _TRAIN_LEN = flags.DEFINE_integer("train_len", 128, "Training sequence length.",
+                                    flag_values=fv)
+  _FACTORS = flags.DEFINE_list("factors", ["1", "2", "4"], "Test lengths as multiples of it.",
+                               flag_values=fv)
+  _DEPTHS = flags.DEFINE_list("depths", ["0", "0.25", "0.5", "0.75", "1"], "Needle depths.",
+                              flag_values=fv)
+  _STEPS = flags.DEFINE_integer("steps", 0, "Training steps (0: the config's).",
+                                flag_values=fv)
+  _D_MODEL = flags.DEFINE_integer("d_model", 0, "Model width (0: the config's).",
+                                  flag_values=fv)
+  _EXAMPLES = flags.DEFINE_integer("examples", 64, "Test examples per (depth, length) cell.",
+                                   flag_values=fv)
+  _RUNS = flags.DEFINE_string("runs", "runs/needle", "Workdirs root.", flag_values=fv)
+  _OUT = flags.DEFINE_string("out", "results/needle", "Output prefix (<out>.md and <out>/).",
+                             flag_values=fv)
+
+
+def _check() -> None:
+  """Before any training: mixers, counts, factors, depths, every mixer's config and the
+  output paths."""
+  from lcm import config as config_lib  # pylint: disable=import-outside-toplevel
+  cli.check_mixers("mixers", _MIXERS.value)
+  cli.check_int("train_len", _TRAIN_LEN.value, min_value=1)
+  cli.check_int("steps", _STEPS.value, min_value=0, what=" (0: the config's)")
+  cli.check_int("d_model", _D_MODEL.value, min_value=0, what=" (0: the config's)")
+  cli.check_int("examples", _EXAMPLES.value, min_value=1)
+  cli.int_list("factors", _FACTORS.value, min_value=1)
+  cli.float_list("depths", _DEPTHS.value, min_value=0.0, max_value=1.0)
+  for name in _MIXERS.value:
+    try:
+      config_lib.validate(mixer_config(name, train_len=_TRAIN_LEN.value, steps=_STEPS.value,
+                                       d_model=_D_MODEL.value))
+    except ConfigError as e:
+      raise cli.CommandLineError(f"--mixers={name}: with --train_len={_TRAIN_LEN.value} "
+                                 f"--steps={_STEPS.value} --d_model={_D_MODEL.value} the "
+                                 f"config is invalid: {e}") from None
+  cli.check_dir("runs", _RUNS.value)
+  cli.check_out_prefix("out", _OUT.value, makes_dir=True)
+
+
+def cli_main(argv=None) -> int:
+  """``python -m experiments.needle`` in-process: the exit status; bad input is one line on
+  stderr (experiments/cli.py)."""
+  return cli.run(argv, doc=__doc__, define=_define_flags, check=_check,
+                 main=lambda rest: main(rest))  # pylint: disable=unnecessary-lambda
 
 
 def mixer_config(name: str, *, train_len: int, steps: int = 0, d_model: int = 0):
@@ -54,9 +100,6 @@ def mixer_config(name: str, *, train_len: int, steps: int = 0, d_model: int = 0)
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  unknown = [m for name in _MIXERS.value for m in name.split(",") if m not in registry.names()]
-  if unknown:
-    raise app.UsageError(f"unknown mixers {unknown}; registered: {registry.names()}")
   lengths = [_TRAIN_LEN.value * int(f) for f in _FACTORS.value]
   depths = [float(d) for d in _DEPTHS.value]
   os.makedirs(_OUT.value, exist_ok=True)
@@ -112,4 +155,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  import sys  # pylint: disable=g-import-not-at-top
+  logging.use_absl_handler()  # warnings in absl's format, as under absl.app
+  sys.exit(cli_main(sys.argv))

@@ -40,29 +40,75 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 from flax import nnx
 
+from experiments import cli
 from lcm import provenance, registry
 
 # What the numbers depend on (lcm.provenance): the mixers, their kernels, this driver.
 CODE = ("kernels", "layers", "lcm", "experiments/numerics.py")
 
-def _define_flags() -> None:
+def _define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
   """Flags are defined only when run as a program: tests import compare() next to other
-  experiment modules whose flags share names (--d_model, --mixers, --out)."""
+  experiment modules whose flags share names (--d_model, --mixers, --out); in ``fv``."""
   global _T, _D, _WINDOW, _STEP_CHUNK, _TOL, _STRESS, _MAX_TEMP, _MIXERS, _OUT, _UPDATE
-  _T = flags.DEFINE_integer("T", 65536, "Sequence length.")
-  _D = flags.DEFINE_integer("d_model", 32, "Model width.")
-  _WINDOW = flags.DEFINE_integer("window", 4096, "Tokens in the first / last error windows.")
-  _STEP_CHUNK = flags.DEFINE_integer("step_chunk", 8192, "Tokens per step() call.")
-  _TOL = flags.DEFINE_float("tol", 5e-2, "Relative-error tolerance.")
-  _STRESS = flags.DEFINE_float("stress_scale", 30.0, "Input scale of the stress run.")
-  _MAX_TEMP = flags.DEFINE_float("max_temp_gib", 4.0, "Largest compiled temporaries to run.")
-  _MIXERS = flags.DEFINE_list("mixers", [], "Mixers (default: every recurrent one).")
-  _OUT = flags.DEFINE_string("out", "results/numerics_bf16.json", "Output JSON.")
+  _T = flags.DEFINE_integer("T", 65536, "Sequence length.", flag_values=fv)
+  _D = flags.DEFINE_integer("d_model", 32, "Model width.", flag_values=fv)
+  _WINDOW = flags.DEFINE_integer("window", 4096, "Tokens in the first / last error windows.",
+                                 flag_values=fv)
+  _STEP_CHUNK = flags.DEFINE_integer("step_chunk", 8192, "Tokens per step() call.",
+                                     flag_values=fv)
+  _TOL = flags.DEFINE_float("tol", 5e-2, "Relative-error tolerance.", flag_values=fv)
+  _STRESS = flags.DEFINE_float("stress_scale", 30.0, "Input scale of the stress run.",
+                               flag_values=fv)
+  _MAX_TEMP = flags.DEFINE_float("max_temp_gib", 4.0, "Largest compiled temporaries to run.",
+                                 flag_values=fv)
+  _MIXERS = flags.DEFINE_list("mixers", [], "Mixers (default: every recurrent one).",
+                              flag_values=fv)
+  _OUT = flags.DEFINE_string("out", "results/numerics_bf16.json", "Output JSON.",
+                             flag_values=fv)
   _UPDATE = flags.DEFINE_bool("update", False, "Keep the other mixers' rows of an existing "
-                              "--out and replace only those measured now (with --mixers).")
+                              "--out and replace only those measured now (with --mixers).",
+                              flag_values=fv)
+
+
+def _check() -> None:
+  """Before measuring: sizes, tolerances, mixer names, the output, and (--update) that the
+  existing --out was measured at the same T and d_model."""
+  cli.check_int("T", _T.value, min_value=1)
+  cli.check_int("d_model", _D.value, min_value=1)
+  cli.check_int("window", _WINDOW.value, min_value=1, max_value=_T.value,
+                what=" (at most --T)")
+  cli.check_int("step_chunk", _STEP_CHUNK.value, min_value=1)
+  cli.check_float("tol", _TOL.value, above=0.0)
+  cli.check_float("stress_scale", _STRESS.value, min_value=0.0, what=" (0: no stress run)")
+  cli.check_float("max_temp_gib", _MAX_TEMP.value, above=0.0)
+  if _MIXERS.value:
+    cli.check_mixers("mixers", _MIXERS.value, split_commas=False,
+                     allowed=recurrent_mixers())
+  cli.check_out_file("out", _OUT.value)
+  if _UPDATE.value and os.path.exists(_OUT.value):
+    try:
+      with open(_OUT.value, encoding="utf-8") as f:
+        old = json.load(f)
+      key = (old.get("T"), old.get("d_model"))
+      rows = old["mixers"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+      raise cli.CommandLineError(f"--update: {_OUT.value} is not a numerics result "
+                                 f"({type(e).__name__}); drop --update or give another "
+                                 "--out") from None
+    if key != (_T.value, _D.value) or not isinstance(rows, list):
+      raise cli.CommandLineError(f"--update: {_OUT.value} was measured at T={key[0]}, "
+                                 f"d_model={key[1]}, not --T={_T.value} --d_model={_D.value}; "
+                                 "use those or another --out")
+
+
+def cli_main(argv=None) -> int:
+  """``python -m experiments.numerics`` in-process: the exit status; bad input is one line on
+  stderr (experiments/cli.py)."""
+  return cli.run(argv, doc=__doc__, define=_define_flags, check=_check,
+                 main=lambda rest: main(rest))  # pylint: disable=unnecessary-lambda
 
 
 SOFTMAX_ONLY = ("attention", "swa")
@@ -251,5 +297,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  _define_flags()
-  app.run(main)
+  import sys  # pylint: disable=g-import-not-at-top
+  logging.use_absl_handler()  # warnings in absl's format, as under absl.app
+  sys.exit(cli_main(sys.argv))

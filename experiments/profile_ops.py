@@ -23,16 +23,72 @@ from __future__ import annotations
 import json
 import time
 
-from absl import app, flags
+from absl import flags, logging
 
-# Flag names differ from experiments.bench's, whose flags are defined at import.
-_MIXER = flags.DEFINE_string("mixer", "mamba2", "Registered mixer name.")
-_T = flags.DEFINE_integer("T", 4096, "Sequence length.")
-_WIDTH = flags.DEFINE_integer("width", 256, "d_model of the mixer.")
-_OVERRIDES = flags.DEFINE_string("overrides", "{}", "Mixer config fields, as JSON.")
-_RUNS = flags.DEFINE_integer("runs", 5, "Timed and traced calls (after two warm-up calls).")
-_TOP = flags.DEFINE_integer("top", 30, "Ops to print.")
-_JSON = flags.DEFINE_string("json", "", "Also write the result as JSON to this path.")
+from experiments import cli
+
+
+
+def _define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
+  """The flags, in ``fv`` (a fresh one per :func:`cli_main` call)."""
+  global _MIXER, _T, _WIDTH, _OVERRIDES, _RUNS, _TOP, _JSON
+  _MIXER = flags.DEFINE_string("mixer", "mamba2", "Registered mixer name.", flag_values=fv)
+  _T = flags.DEFINE_integer("T", 4096, "Sequence length.", flag_values=fv)
+  _WIDTH = flags.DEFINE_integer("width", 256, "d_model of the mixer.", flag_values=fv)
+  _OVERRIDES = flags.DEFINE_string("overrides", "{}", "Mixer config fields, as JSON.",
+                                   flag_values=fv)
+  _RUNS = flags.DEFINE_integer("runs", 5, "Timed and traced calls (after two warm-up calls).",
+                               flag_values=fv)
+  _TOP = flags.DEFINE_integer("top", 30, "Ops to print.", flag_values=fv)
+  _JSON = flags.DEFINE_string("json", "", "Also write the result as JSON to this path.",
+                              flag_values=fv)
+
+
+def _overrides() -> dict:
+  try:
+    value = json.loads(_OVERRIDES.value)
+  except ValueError as e:
+    raise cli.CommandLineError(f"--overrides: not JSON ({e}); give a JSON object such as "
+                               "--overrides='{\"chunk_size\": 256}'") from None
+  if not isinstance(value, dict):
+    raise cli.CommandLineError(f"--overrides: must be a JSON object of mixer config fields, "
+                               f"not {type(value).__name__}")
+  return value
+
+
+def _check() -> None:
+  """Before compiling: the mixer, its overrides (fields and values: the layer's validation),
+  the sizes and the output."""
+  from lcm import registry  # pylint: disable=import-outside-toplevel
+  from layers.common import ConfigError  # pylint: disable=import-outside-toplevel
+  name = _MIXER.value
+  cli.check_mixers("mixer", [name], split_commas=False)
+  cli.check_int("T", _T.value, min_value=1)
+  cli.check_int("width", _WIDTH.value, min_value=1)
+  cli.check_int("runs", _RUNS.value, min_value=1)
+  cli.check_int("top", _TOP.value, min_value=1)
+  overrides = _overrides()
+  fields = registry.config_fields(name)
+  for field in overrides:
+    if field not in fields:
+      close = cli.closest(field, fields)
+      raise cli.CommandLineError(f"--overrides: mixer {name!r} has no field {field!r}"
+                                 f"{f'; did you mean {close}?' if close else ''} (its fields: "
+                                 f"{', '.join(fields)})")
+  try:
+    registry.validate(name, _WIDTH.value, overrides)
+  except ConfigError as e:
+    raise cli.CommandLineError(f"--overrides / --width: {e}") from None
+  except (TypeError, ValueError) as e:
+    raise cli.CommandLineError(f"--overrides: {type(e).__name__}: {e}") from None
+  cli.check_out_file("json", _JSON.value, optional=True)
+
+
+def cli_main(argv=None) -> int:
+  """``python -m experiments.profile_ops`` in-process: the exit status; bad input is one line on
+  stderr (experiments/cli.py)."""
+  return cli.run(argv, doc=__doc__, define=_define_flags, check=_check,
+                 main=lambda rest: main(rest))  # pylint: disable=unnecessary-lambda
 
 
 def profile_mixer(name: str, *, T: int, d_model: int, overrides: dict | None = None,
@@ -66,7 +122,7 @@ def main(argv):
   del argv
   import layers  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
   r = profile_mixer(_MIXER.value, T=_T.value, d_model=_WIDTH.value,
-                    overrides=json.loads(_OVERRIDES.value), runs=_RUNS.value)
+                    overrides=_overrides(), runs=_RUNS.value)
   print(f"{r['mixer']} fwd+bwd, T={r['T']}, d_model={r['d_model']}: wall {r['wall_ms']:.1f} "
         f"ms per call (median), XLA ops {r['op_ms_total']:.1f} ms")
   print(f"{'ms':>8} {'x/call':>6}  {'op':30} {'shape':34} source")
@@ -79,4 +135,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  import sys  # pylint: disable=g-import-not-at-top
+  logging.use_absl_handler()  # warnings in absl's format, as under absl.app
+  sys.exit(cli_main(sys.argv))

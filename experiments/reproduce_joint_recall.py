@@ -32,7 +32,7 @@ import os
 from typing import Any
 
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
 PATTERNS = ("mamba2", "mamba2,swa", "mamba2,landmark", "mamba2,attention")
 KINDS = ("right", "other_context", "other_value", "other")
@@ -42,17 +42,78 @@ CODE = ("kernels", "layers", "lcm", "configs", "experiments/reproduce_joint_reca
         "experiments/reproduce_landmark.py", "experiments/sweep.py")
 
 
-def _define_flags():
+def _define_flags(fv: flags.FlagValues = flags.FLAGS):
+  """The flags, in ``fv`` (a fresh one per :func:`cli_main` call); main reads them there."""
+  global _FLAGS
+  _FLAGS = fv
   flags.DEFINE_string("patterns", "|".join(PATTERNS),
-                      "Mixer patterns separated by '|' (configs/joint_recall.py:<p>).")
-  flags.DEFINE_integer("steps", None, "Training steps (default: the config's).")
+                      "Mixer patterns separated by '|' (configs/joint_recall.py:<p>).",
+                      flag_values=fv)
+  flags.DEFINE_integer("steps", None, "Training steps (default: the config's).",
+                       flag_values=fv)
   flags.DEFINE_integer("num_layers", None, "Layers (default: the config's 2); every pattern "
-                       "is repeated to fill them, so its length must divide this.")
+                       "is repeated to fill them, so its length must divide this.",
+                       flag_values=fv)
   flags.DEFINE_integer("seq_len", None, "Sequence length (default: the config's 64); the "
-                       "landmark exact_len grows with it (with_seq_len).")
-  flags.DEFINE_list("top_k", ["1", "2", "4"], "Sparse evaluations of the landmark model.")
-  flags.DEFINE_string("runs", "runs/joint_recall", "Workdirs root.")
-  flags.DEFINE_string("out", "results/joint_recall", "Output prefix (<out>.md, <out>.csv, <out>/).")
+                       "landmark exact_len grows with it (with_seq_len).", flag_values=fv)
+  flags.DEFINE_list("top_k", ["1", "2", "4"], "Sparse evaluations of the landmark model.",
+                    flag_values=fv)
+  flags.DEFINE_string("runs", "runs/joint_recall", "Workdirs root.", flag_values=fv)
+  flags.DEFINE_string("out", "results/joint_recall", "Output prefix (<out>.md, <out>.csv, "
+                      "<out>/).", flag_values=fv)
+
+
+_FLAGS = flags.FLAGS
+
+
+def _base_config():
+  """configs/joint_recall.py:mamba2 with --steps, --num_layers and --seq_len applied."""
+  from configs import joint_recall  # pylint: disable=g-import-not-at-top
+  f = _FLAGS
+  base = joint_recall.get_config("mamba2")
+  if f.steps:
+    base.train.steps = f.steps
+  if f.num_layers:
+    base.model.num_layers = f.num_layers
+  if f.seq_len:
+    base = with_seq_len(base, f.seq_len)
+  return base
+
+
+def _check() -> None:
+  """Before any training: the patterns (registered mixers, a valid config each), the counts,
+  --top_k and the output paths."""
+  from experiments import cli, sweep  # pylint: disable=g-import-not-at-top
+  from layers.common import ConfigError  # pylint: disable=g-import-not-at-top
+  from lcm import config as config_lib  # pylint: disable=g-import-not-at-top
+  f = _FLAGS
+  for flag in ("steps", "num_layers", "seq_len"):
+    if f[flag].value is not None:
+      cli.check_int(flag, f[flag].value, min_value=1, what=" (or leave it out: the config's)")
+  patterns = [p.strip() for p in f.patterns.split("|") if p.strip()]
+  if not patterns:
+    raise cli.CommandLineError("--patterns is empty; give mixer patterns separated by '|', "
+                               f"e.g. --patterns={'|'.join(PATTERNS[:2])}")
+  cli.check_mixers("patterns", patterns)
+  if any("landmark" in p for p in patterns):
+    cli.int_list("top_k", f.top_k, min_value=1)
+  base = _base_config()
+  for p in patterns:
+    try:
+      config_lib.validate(sweep.apply_overrides(base, {"model.pattern": p}))
+    except ConfigError as e:
+      raise cli.CommandLineError(f"--patterns: {p} is not a valid config with these flags: "
+                                 f"{e}") from None
+  cli.check_dir("runs", f.runs)
+  cli.check_out_prefix("out", f.out, makes_dir=True)
+
+
+def cli_main(argv=None) -> int:
+  """``python -m experiments.reproduce_joint_recall`` in-process: the exit status; bad input is one
+  line on stderr (experiments/cli.py)."""
+  from experiments import cli  # pylint: disable=g-import-not-at-top
+  return cli.run(argv, doc=__doc__, define=_define_flags, check=_check,
+                 main=lambda rest: main(rest))  # pylint: disable=unnecessary-lambda
 
 
 def attention_kind(pattern: str) -> str:
@@ -161,18 +222,11 @@ def _plot(rows: list[dict], histories: dict[str, list[dict]], out_dir: str) -> N
 
 def main(argv):
   del argv
-  from configs import joint_recall  # pylint: disable=g-import-not-at-top
   from experiments import reproduce_landmark, sweep  # pylint: disable=g-import-not-at-top
   from lcm import generate, provenance  # pylint: disable=g-import-not-at-top
-  f = flags.FLAGS
+  f = _FLAGS
   logging.set_verbosity(logging.WARNING)
-  base = joint_recall.get_config("mamba2")
-  if f.steps:
-    base.train.steps = f.steps
-  if f.num_layers:
-    base.model.num_layers = f.num_layers
-  if f.seq_len:
-    base = with_seq_len(base, f.seq_len)
+  base = _base_config()
   points = [{"model.pattern": p.strip()} for p in f.patterns.split("|") if p.strip()]
   runs = sweep.run_grid(base, points, f.runs)
   rows, histories = [], {}
@@ -251,5 +305,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  _define_flags()
-  app.run(main)
+  import sys  # pylint: disable=g-import-not-at-top
+  logging.use_absl_handler()  # warnings in absl's format, as under absl.app
+  sys.exit(cli_main(sys.argv))

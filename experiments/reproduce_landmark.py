@@ -28,33 +28,85 @@ import json
 import os
 import time
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 # What the table depends on (lcm.provenance): the model, the configs, this driver.
 CODE = ("kernels", "layers", "lcm", "configs", "experiments/reproduce_landmark.py")
 
 
-def _define_flags():
-  flags.DEFINE_list("mixers", ["landmark", "attention"], "Mixer patterns to compare.")
-  flags.DEFINE_integer("train_len", 512, "Training sequence length (real tokens).")
-  flags.DEFINE_list("lengths", ["512", "2048", "8192", "32768"], "Test lengths.")
-  flags.DEFINE_integer("steps", 2500, "Training steps.")
-  flags.DEFINE_integer("batch_size", 32, "Training batch size.")
+def _define_flags(fv: flags.FlagValues = flags.FLAGS):
+  """The flags, in ``fv`` (a fresh one per :func:`cli_main` call); main reads them there."""
+  global _FLAGS
+  _FLAGS = fv
+  flags.DEFINE_list("mixers", ["landmark", "attention"], "Mixer patterns to compare.",
+                    flag_values=fv)
+  flags.DEFINE_integer("train_len", 512, "Training sequence length (real tokens).", flag_values=fv)
+  flags.DEFINE_list("lengths", ["512", "2048", "8192", "32768"], "Test lengths.", flag_values=fv)
+  flags.DEFINE_integer("steps", 2500, "Training steps.", flag_values=fv)
+  flags.DEFINE_integer("batch_size", 32, "Training batch size.", flag_values=fv)
   flags.DEFINE_integer("eval_every", 250, "Evaluate and checkpoint every this many steps "
-                       "(0: only at the end).")
-  flags.DEFINE_integer("block_size", 32, "Landmark block (landmark included).")
+                       "(0: only at the end).", flag_values=fv)
+  flags.DEFINE_integer("block_size", 32, "Landmark block (landmark included).", flag_values=fv)
   flags.DEFINE_integer("max_tail", -1, "Training examples end with up to this many haystack "
                        "tokens after the answer (-1: block_size - 2, so the question "
-                       "takes every offset within a landmark block; 0: none).")
-  flags.DEFINE_integer("top_k", 4, "Blocks retrieved per token and head at test time.")
-  flags.DEFINE_list("extra_top_k", [], "Also test landmark with these top_k (own rows).")
+                       "takes every offset within a landmark block; 0: none).", flag_values=fv)
+  flags.DEFINE_integer("top_k", 4, "Blocks retrieved per token and head at test time.",
+                       flag_values=fv)
+  flags.DEFINE_list("extra_top_k", [], "Also test landmark with these top_k (own rows).",
+                    flag_values=fv)
   flags.DEFINE_bool("keep_previous", True, "At test time the block before each token's is "
                     "always one of its top_k (layers/landmark.py); with it, a row without "
-                    "(plain top-k) is added.")
-  flags.DEFINE_integer("examples", 64, "Test examples per length (needle depth uniform).")
-  flags.DEFINE_float("max_dense_gb", 6.0, "Skip dense attention where B*H*T^2 fp32 exceeds it.")
-  flags.DEFINE_string("runs", "runs/landmark", "Workdirs root.")
-  flags.DEFINE_string("out", "results/landmark", "Output prefix (<out>.md and <out>/).")
+                    "(plain top-k) is added.", flag_values=fv)
+  flags.DEFINE_integer("examples", 64, "Test examples per length (needle depth uniform).",
+                       flag_values=fv)
+  flags.DEFINE_float("max_dense_gb", 6.0, "Skip dense attention where B*H*T^2 fp32 exceeds it.",
+                     flag_values=fv)
+  flags.DEFINE_string("runs", "runs/landmark", "Workdirs root.", flag_values=fv)
+  flags.DEFINE_string("out", "results/landmark", "Output prefix (<out>.md and <out>/).",
+                      flag_values=fv)
+
+
+_FLAGS = flags.FLAGS
+
+
+def _check() -> None:
+  """Before any training: mixers, lengths, counts, the landmark block and top-k values, every
+  mixer's config and the output paths."""
+  from experiments import cli  # pylint: disable=g-import-not-at-top
+  from layers.common import ConfigError  # pylint: disable=g-import-not-at-top
+  from lcm import config as config_lib  # pylint: disable=g-import-not-at-top
+  f = _FLAGS
+  cli.check_mixers("mixers", f.mixers)
+  cli.check_int("train_len", f.train_len, min_value=1)
+  cli.int_list("lengths", f.lengths, min_value=1)
+  cli.check_int("steps", f.steps, min_value=1)
+  cli.check_int("batch_size", f.batch_size, min_value=1)
+  cli.check_int("eval_every", f.eval_every, min_value=0, what=" (0: only at the end)")
+  cli.check_int("block_size", f.block_size, min_value=2, what=" (landmark included)")
+  cli.check_int("max_tail", f.max_tail, min_value=-1, what=" (-1: block_size - 2)")
+  cli.check_int("top_k", f.top_k, min_value=1)
+  cli.int_list("extra_top_k", f.extra_top_k, min_value=1, allow_empty=True)
+  cli.check_int("examples", f.examples, min_value=1)
+  cli.check_float("max_dense_gb", f.max_dense_gb, above=0.0)
+  for name in f.mixers:
+    c = mixer_config(name, train_len=f.train_len, steps=f.steps, batch_size=f.batch_size,
+                     block_size=f.block_size, top_k=f.top_k, eval_every=f.eval_every,
+                     max_tail=f.max_tail)
+    try:
+      config_lib.validate(c)
+    except ConfigError as e:
+      raise cli.CommandLineError(f"--mixers={name}: with these flags the config is invalid: "
+                                 f"{e}") from None
+  cli.check_dir("runs", f.runs)
+  cli.check_out_prefix("out", f.out, makes_dir=True)
+
+
+def cli_main(argv=None) -> int:
+  """``python -m experiments.reproduce_landmark`` in-process: the exit status; bad input is
+  one line on stderr (experiments/cli.py)."""
+  from experiments import cli  # pylint: disable=g-import-not-at-top
+  return cli.run(argv, doc=__doc__, define=_define_flags, check=_check,
+                 main=lambda rest: main(rest))  # pylint: disable=unnecessary-lambda
 
 
 def mixer_config(name: str, *, train_len: int, steps: int, batch_size: int, block_size: int,
@@ -113,7 +165,7 @@ def main(argv):
   del argv
   from lcm import generate, provenance, train  # pylint: disable=g-import-not-at-top
   from lcm.evals import needle  # pylint: disable=g-import-not-at-top
-  f = flags.FLAGS
+  f = _FLAGS
   logging.set_verbosity(logging.WARNING)
   lengths = [int(n) for n in f.lengths]
   os.makedirs(f.out, exist_ok=True)
@@ -207,5 +259,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  _define_flags()
-  app.run(main)
+  import sys  # pylint: disable=g-import-not-at-top
+  logging.use_absl_handler()  # warnings in absl's format, as under absl.app
+  sys.exit(cli_main(sys.argv))

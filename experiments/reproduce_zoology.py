@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import os
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from configs import mqar
-from experiments import sweep
+from experiments import cli, sweep
+from layers.common import ConfigError
 from lcm import registry
 
 # What the figures depend on (lcm.provenance): the model, the configs, these drivers.
@@ -35,14 +36,59 @@ CODE = ("kernels", "layers", "lcm", "configs", "experiments/reproduce_zoology.py
 DEFAULT_MIXERS = ["attention", "based", "mamba", "mamba2", "gla", "deltanet", "gated_deltanet",
                   "titans_lmm", "landmark"]
 
-_MIXERS = flags.DEFINE_list("mixers", DEFAULT_MIXERS, "Mixers to compare.")
-_WIDTHS = flags.DEFINE_list("widths", ["32", "64"], "Model widths (d_model).")
-_LRS = flags.DEFINE_list("lrs", ["3e-3"], "Learning rates; the best per (mixer, width) counts.")
-_SEQ = flags.DEFINE_integer("seq_len", 64, "Sequence length.")
-_KV = flags.DEFINE_integer("num_kv_pairs", 4, "Key-value pairs per example.")
-_STEPS = flags.DEFINE_integer("steps", 1000, "Training steps per run.")
-_RUNS = flags.DEFINE_string("runs", "runs/zoology", "Workdirs root.")
-_OUT = flags.DEFINE_string("out", "results/zoology", "Output prefix.")
+
+
+def _define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
+  """The flags, in ``fv`` (a fresh one per :func:`cli_main` call; tests import this module
+  next to other experiments whose flags share names)."""
+  global _MIXERS, _WIDTHS, _LRS, _SEQ, _KV, _STEPS, _RUNS, _OUT
+  _MIXERS = flags.DEFINE_list("mixers", DEFAULT_MIXERS, "Mixers to compare.", flag_values=fv)
+  _WIDTHS = flags.DEFINE_list("widths", ["32", "64"], "Model widths (d_model).",
+                              flag_values=fv)
+  _LRS = flags.DEFINE_list("lrs", ["3e-3"], "Learning rates; the best per (mixer, width) "
+                           "counts.", flag_values=fv)
+  _SEQ = flags.DEFINE_integer("seq_len", 64, "Sequence length.", flag_values=fv)
+  _KV = flags.DEFINE_integer("num_kv_pairs", 4, "Key-value pairs per example.", flag_values=fv)
+  _STEPS = flags.DEFINE_integer("steps", 1000, "Training steps per run.", flag_values=fv)
+  _RUNS = flags.DEFINE_string("runs", "runs/zoology", "Workdirs root.", flag_values=fv)
+  _OUT = flags.DEFINE_string("out", "results/zoology", "Output prefix.", flag_values=fv)
+
+
+def _check() -> None:
+  """Before any training: mixers (a name of DEFAULT_MIXERS that is not registered is skipped
+  with a note, as documented; any other unknown name is refused), widths, learning rates,
+  counts, every grid point's config and the output paths."""
+  from lcm import config as config_lib  # pylint: disable=import-outside-toplevel
+  names = [m.strip() for m in _MIXERS.value]
+  known = [m for m in names if m in registry.names()]
+  cli.check_mixers("mixers", [m for m in names if m not in DEFAULT_MIXERS] or known or names)
+  if not known:
+    raise cli.CommandLineError(f"--mixers: none of {', '.join(names) or 'them'} is registered "
+                               f"(registered: {', '.join(registry.names())})")
+  widths = cli.int_list("widths", _WIDTHS.value, min_value=1)
+  lrs = cli.float_list("lrs", _LRS.value, above=0.0)
+  cli.check_int("seq_len", _SEQ.value, min_value=1)
+  cli.check_int("num_kv_pairs", _KV.value, min_value=1)
+  cli.check_int("steps", _STEPS.value, min_value=1)
+  base = base_config(_STEPS.value, _SEQ.value, _KV.value)
+  grid = {"model.pattern": known, "model.d_model": widths, "train.lr": lrs[:1]}
+  for point in sweep.expand_grid(grid):
+    try:
+      config_lib.validate(sweep.apply_overrides(base, point))
+    except ConfigError as e:
+      raise cli.CommandLineError(f"--mixers / --widths: {point['model.pattern']} at width "
+                                 f"{point['model.d_model']} (--seq_len={_SEQ.value} "
+                                 f"--num_kv_pairs={_KV.value}) is not a valid config: "
+                                 f"{e}") from None
+  cli.check_dir("runs", _RUNS.value)
+  cli.check_out_prefix("out", _OUT.value, makes_dir=True)
+
+
+def cli_main(argv=None) -> int:
+  """``python -m experiments.reproduce_zoology`` in-process: the exit status; bad input is one
+  line on stderr (experiments/cli.py)."""
+  return cli.run(argv, doc=__doc__, define=_define_flags, check=_check,
+                 main=lambda rest: main(rest))  # pylint: disable=unnecessary-lambda
 
 
 def base_config(steps: int, seq_len: int, num_kv_pairs: int):
@@ -131,4 +177,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  import sys  # pylint: disable=g-import-not-at-top
+  logging.use_absl_handler()  # warnings in absl's format, as under absl.app
+  sys.exit(cli_main(sys.argv))

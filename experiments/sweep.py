@@ -254,18 +254,70 @@ def main(argv):
   print(text)
 
 
-def _define_flags() -> None:
-  """Flags only when run as a program (tests import this next to other experiments)."""
+def _define_flags(fv=None) -> None:
+  """Flags only when run as a program (tests import this next to other experiments); in
+  ``fv`` (default: absl's global flags)."""
   global _CONFIG, _GRID, _RUNS, _OUT
   from absl import flags  # pylint: disable=import-outside-toplevel
+  fv = flags.FLAGS if fv is None else fv
   _CONFIG = flags.DEFINE_string("config", "configs/mqar.py:attention",
-                                "Base config: configs/<family>.py:<arg>.")
-  _GRID = flags.DEFINE_string("grid", "", "key=v1,v2;key2=... (dotted config keys).")
-  _RUNS = flags.DEFINE_string("runs", "runs/sweep", "Workdirs root.")
-  _OUT = flags.DEFINE_string("out", "results/sweep", "Output prefix (<out>.csv, .md, .json).")
+                                "Base config: configs/<family>.py:<arg>.", flag_values=fv)
+  _GRID = flags.DEFINE_string("grid", "", "key=v1,v2;key2=... (dotted config keys).",
+                              flag_values=fv)
+  _RUNS = flags.DEFINE_string("runs", "runs/sweep", "Workdirs root.", flag_values=fv)
+  _OUT = flags.DEFINE_string("out", "results/sweep", "Output prefix (<out>.csv, .md, .json).",
+                             flag_values=fv)
+
+
+def _check() -> None:
+  """Everything but the training: the config loads, the grid parses and every grid point is
+  a valid config, the runs folder and the outputs can be written."""
+  from experiments import cli  # pylint: disable=import-outside-toplevel
+  from lcm import config as config_lib  # pylint: disable=import-outside-toplevel
+  spec = _CONFIG.value
+  if not spec.strip():
+    raise cli.CommandLineError("--config is empty; give configs/<family>.py:<arg>, e.g. "
+                               "--config=configs/mqar.py:attention")
+  path = spec.partition(":")[0]
+  if path.endswith(".py") and not os.path.isfile(path):
+    raise cli.CommandLineError(f"--config={spec}: {path} does not exist; give "
+                               "configs/<family>.py:<arg>, e.g. configs/mqar.py:attention")
+  try:
+    base = load_config(spec)
+  except ConfigError as e:
+    raise cli.CommandLineError(f"--config={spec}: {e}") from None
+  except Exception as e:  # pylint: disable=broad-except
+    raise cli.CommandLineError(f"--config={spec}: does not load as a config "
+                               f"({provenance.describe_failure(e)}); give "
+                               "configs/<family>.py:<arg>") from None
+  if not isinstance(base, ml_collections.ConfigDict):
+    raise cli.CommandLineError(f"--config={spec}: get_config returned "
+                               f"{type(base).__name__}, not a ConfigDict")
+  try:
+    points = expand_grid(parse_grid(_GRID.value, base))
+  except ConfigError as e:
+    raise cli.CommandLineError(f"--grid: {e} (the grid is key=v1,v2;key2=... with dotted "
+                               "config keys)") from None
+  for point in points:
+    try:
+      config_lib.validate(apply_overrides(base, point))
+    except ConfigError as e:
+      where = f"--grid: grid point {point_name(point)}" if point else f"--config={spec}"
+      raise cli.CommandLineError(f"{where} is not a valid config: {e}") from None
+  cli.check_dir("runs", _RUNS.value)
+  cli.check_out_prefix("out", _OUT.value)
+
+
+def cli_main(argv=None) -> int:
+  """``python -m experiments.sweep`` in-process: the exit status; bad input is one line on
+  stderr (experiments/cli.py)."""
+  from experiments import cli  # pylint: disable=import-outside-toplevel
+  return cli.run(argv, doc=__doc__, define=_define_flags, check=_check,
+                 main=lambda rest: main(rest))  # pylint: disable=unnecessary-lambda
 
 
 if __name__ == "__main__":
-  from absl import app  # pylint: disable=g-import-not-at-top
-  _define_flags()
-  app.run(main)
+  import sys  # pylint: disable=g-import-not-at-top
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  absl_logging.use_absl_handler()
+  sys.exit(cli_main(sys.argv))

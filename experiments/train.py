@@ -24,13 +24,15 @@ import importlib.util
 import os
 import re
 import sys
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from absl import flags, logging
 from ml_collections import config_dict, config_flags
 
 from layers.common import ConfigError
-from lcm import checkpoint, provenance, registry, sharding, train
+from experiments.cli import (  # noqa: F401  the error machinery, shared with every entry point
+    HELP_FLAGS, CommandLineError, error_line, flag_error_line, report, wants_debug)
+from lcm import provenance, registry, sharding, train
 
 USAGE = ("python -m experiments.train --config=configs/<family>.py:<arg> --workdir=DIR "
          "[--config.<field>=<value> ...]")
@@ -45,66 +47,6 @@ SYNONYMS = {
     "seq_length": "seq_len", "sequence_length": "seq_len", "context_length": "seq_len",
     "clip": "grad_clip", "clip_norm": "grad_clip", "wd": "weight_decay",
 }
-
-
-class CommandLineError(Exception):
-  """A bad flag, config file or config override; the message names it. Not a ValueError,
-  so absl's flag parser passes it through unchanged."""
-
-
-# ----------------------------------------------------------------------------- errors
-
-
-def wants_debug(argv: Sequence[str]) -> bool:
-  """Whether ``--debug`` is on the command line (seen before parsing, so that errors in
-  parsing itself can be re-raised)."""
-  return any(re.fullmatch(r"--?debug(=(true|t|1|yes))?", a, re.I) for a in argv[1:])
-
-
-def flag_error_line(e: flags.Error) -> str:
-  """absl's flag errors in words: a missing required flag, an unknown one, a bad value."""
-  text = provenance.one_line(e)
-  m = re.search(r"Flag --([\w.]+) must have a value other than None", text)
-  if m:
-    return f"--{m.group(1)} is required; see --help"
-  m = re.match(r"Unknown command line flag '([^']+)'(?:\. Did you mean: (.*?) \?)?", text)
-  if m:
-    hint = f"; did you mean --{m.group(2).split(',')[0].strip()}?" if m.group(2) else ""
-    return f"--{m.group(1)}: unknown flag{hint} (see --help for the flags)"
-  return f"{text} (see --help)"
-
-
-def error_line(e: BaseException, extra: Callable[[BaseException], tuple[int, str] | None]
-               = lambda e: None) -> tuple[int, str]:
-  """``(exit status, one line)`` for an exception that ends a command: 2 bad input, 3 a busy
-  workdir, 1 a failed run, 130 an interrupt. ``extra`` classifies the caller's own errors
-  first."""
-  got = extra(e)
-  if got is not None:
-    return got
-  if isinstance(e, CommandLineError):
-    return 2, str(e)
-  if isinstance(e, flags.Error):
-    return 2, flag_error_line(e)
-  if isinstance(e, ConfigError):
-    return 2, f"Invalid config: {e}"
-  if isinstance(e, provenance.WorkdirError):
-    return 2, str(e)
-  if isinstance(e, provenance.WorkdirBusyError):
-    return 3, str(e)
-  if isinstance(e, checkpoint.CheckpointError):
-    return 1, str(e)
-  if isinstance(e, KeyboardInterrupt):
-    return 130, (f"interrupted ({str(e) or 'SIGINT'}) before the current step was "
-                 "checkpointed; rerun the same command to resume from the last checkpoint")
-  return 1, (f"{provenance.describe_failure(e)} (an unexpected error: rerun with --debug for "
-             "the traceback)")
-
-
-def report(code: int, line: str) -> int:
-  """Prints ``lcm: line`` as one line on stderr; returns ``code``."""
-  print("lcm: " + provenance.one_line(line), file=sys.stderr, flush=True)
-  return code
 
 
 # ----------------------------------------------------------------------------- config file
@@ -377,9 +319,6 @@ def _plain_flags(argv: Sequence[str]) -> list[tuple[str, str | None]]:
         value = argv[i + 1]
       out.append((m.group(1), value))
   return out
-
-
-HELP_FLAGS = ("-h", "-?", "--help", "-help", "--helpshort", "--helpfull", "-helpfull")
 
 
 # ----------------------------------------------------------------------------- main
