@@ -109,9 +109,7 @@ def run(argv: Sequence[str] | None, *, doc: str | None, define: Callable[[flags.
   positional arguments, runs ``check()`` (cheap validation: it must raise before any heavy
   work) and ``main(argv without flags)``; returns the exit status (``main``'s return value,
   0 for None). Bad input prints one line on stderr (``--debug``: raises instead)."""
-  argv = list(sys.argv if argv is None else argv)
-  debug = wants_debug(argv)
-  try:
+  def body(argv: list[str]) -> int:
     if not flags.FLAGS.is_parsed():  # absl logging reads the global flags' defaults
       flags.FLAGS.mark_as_parsed()
     fv = flags.FlagValues()
@@ -130,6 +128,19 @@ def run(argv: Sequence[str] | None, *, doc: str | None, define: Callable[[flags.
     if check is not None:
       check()
     return int(main(rest) or 0)
+  return guarded(argv, body, classify)
+
+
+def guarded(argv: Sequence[str] | None, body: Callable[[list[str]], int],
+            classify: Callable[[BaseException], tuple[int, str] | None] = lambda e: None
+            ) -> int:
+  """``body(argv)``'s exit status; any error it raises is printed as one line on stderr
+  (``error_line`` with ``classify``) with its exit status, or re-raised with ``--debug``
+  (and SystemExit always)."""
+  argv = list(sys.argv if argv is None else argv)
+  debug = wants_debug(argv)
+  try:
+    return body(argv)
   except BaseException as e:  # pylint: disable=broad-except
     if debug or isinstance(e, SystemExit):
       raise
@@ -346,3 +357,21 @@ def check_run_workdir(flag: str, workdir: str, *, step: int | None = None) -> li
     raise CommandLineError(f"--step={step}: {workdir} has no checkpoint at that step; its "
                            f"steps: {', '.join(map(str, steps))}")
   return steps
+
+
+def check_configs(configs: Iterable[tuple[str, Any]]) -> None:
+  """Validates every ``(label, config)`` a command will run (``lcm.config.validate``)
+  before any of them runs; the first bad one is one line, ``<label> is not a valid config:
+  <field>: <reason>``."""
+  from lcm import config as config_lib  # pylint: disable=import-outside-toplevel
+  for label, c in configs:
+    try:
+      config_lib.validate(c)
+    except ConfigError as e:
+      raise CommandLineError(f"{label} is not a valid config: {e}") from None
+
+
+def check_outputs(runs: str, out: str, *, makes_dir: bool = True) -> None:
+  """``--runs`` (a folder for the runs) and ``--out`` (the results prefix) of a command."""
+  check_dir("runs", runs)
+  check_out_prefix("out", out, makes_dir=makes_dir)

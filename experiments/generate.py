@@ -16,7 +16,8 @@ from typing import Sequence
 
 from absl import flags, logging
 
-from experiments.cli import CommandLineError, error_line, report, wants_debug
+from experiments import cli
+from experiments.cli import CommandLineError
 from lcm import generate
 
 USAGE = ("python -m experiments.generate --workdir=DIR [--prompt=TEXT] [--max_new_tokens=N] "
@@ -109,14 +110,7 @@ def _classify(e: BaseException) -> tuple[int, str] | None:
 def cli_main(argv: Sequence[str] | None = None) -> int:
   """The command, callable in-process: parses ``argv`` into fresh flags, samples, and
   returns the exit status; bad input prints one line on stderr (``--debug``: raises)."""
-  argv = list(sys.argv if argv is None else argv)
-  debug = wants_debug(argv)
-  try:
-    return _main(argv)
-  except BaseException as e:  # pylint: disable=broad-except
-    if debug or isinstance(e, SystemExit):
-      raise
-    return report(*error_line(e, _classify))
+  return cli.guarded(argv, _main, _classify)
 
 
 def _main(argv: list[str]) -> int:

@@ -17,7 +17,6 @@ from absl import flags, logging
 
 from configs import lm
 from experiments import cli
-from layers.common import ConfigError
 from lcm import provenance, train
 from lcm.evals import plots
 
@@ -45,19 +44,13 @@ def _define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
 
 def _check() -> None:
   """Before any training: mixers, counts, every mixer's config, the output paths."""
-  from lcm import config as config_lib  # pylint: disable=import-outside-toplevel
   cli.check_mixers("mixers", _MIXERS.value)
   for flag, holder in (("steps", _STEPS), ("d_model", _D_MODEL), ("num_layers", _LAYERS),
                        ("seq_len", _SEQ), ("batch_size", _BATCH)):
     cli.check_int(flag, holder.value, min_value=1)
-  for name in _MIXERS.value:
-    try:
-      config_lib.validate(mixer_config(name))
-    except ConfigError as e:
-      raise cli.CommandLineError(f"--mixers={name}: with these flags the config is invalid: "
-                                 f"{e}") from None
-  cli.check_dir("runs", _RUNS.value)
-  cli.check_out_prefix("out", _OUT.value, makes_dir=True)
+  cli.check_configs((f"--mixers={name} with these flags", mixer_config(name))
+                    for name in _MIXERS.value)
+  cli.check_outputs(_RUNS.value, _OUT.value)
 
 
 def cli_main(argv=None) -> int:

@@ -22,7 +22,6 @@ from absl import flags, logging
 
 from configs import mqar
 from experiments import cli
-from layers.common import ConfigError
 from lcm import provenance, registry, train
 
 # What the table depends on (lcm.provenance): the model, the configs, this driver.
@@ -45,17 +44,12 @@ def _define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
 
 def _check() -> None:
   """Before any training: mixers, steps, every mixer's config, the output paths."""
-  from lcm import config as config_lib  # pylint: disable=import-outside-toplevel
   if _MIXERS.value is not None:
     cli.check_mixers("mixers", _MIXERS.value)
   cli.check_int("steps", _STEPS.value, min_value=0, what=" (0: the config's)")
-  for name in _MIXERS.value or registry.names():
-    try:
-      config_lib.validate(mixer_config(name, _STEPS.value))
-    except ConfigError as e:
-      raise cli.CommandLineError(f"--mixers={name}: the config is invalid: {e}") from None
-  cli.check_dir("runs", _RUNS.value)
-  cli.check_out_prefix("out", _OUT.value, makes_dir=True)
+  cli.check_configs((f"--mixers={name}", mixer_config(name, _STEPS.value))
+                    for name in _MIXERS.value or registry.names())
+  cli.check_outputs(_RUNS.value, _OUT.value)
 
 
 def cli_main(argv=None) -> int:

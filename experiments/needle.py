@@ -22,7 +22,6 @@ from absl import flags, logging
 
 from configs import passkey as passkey_config
 from experiments import cli
-from layers.common import ConfigError
 from lcm import generate, provenance, train
 from lcm.evals import needle
 
@@ -58,7 +57,6 @@ def _define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
 def _check() -> None:
   """Before any training: mixers, counts, factors, depths, every mixer's config and the
   output paths."""
-  from lcm import config as config_lib  # pylint: disable=import-outside-toplevel
   cli.check_mixers("mixers", _MIXERS.value)
   cli.check_int("train_len", _TRAIN_LEN.value, min_value=1)
   cli.check_int("steps", _STEPS.value, min_value=0, what=" (0: the config's)")
@@ -66,16 +64,12 @@ def _check() -> None:
   cli.check_int("examples", _EXAMPLES.value, min_value=1)
   cli.int_list("factors", _FACTORS.value, min_value=1)
   cli.float_list("depths", _DEPTHS.value, min_value=0.0, max_value=1.0)
-  for name in _MIXERS.value:
-    try:
-      config_lib.validate(mixer_config(name, train_len=_TRAIN_LEN.value, steps=_STEPS.value,
-                                       d_model=_D_MODEL.value))
-    except ConfigError as e:
-      raise cli.CommandLineError(f"--mixers={name}: with --train_len={_TRAIN_LEN.value} "
-                                 f"--steps={_STEPS.value} --d_model={_D_MODEL.value} the "
-                                 f"config is invalid: {e}") from None
-  cli.check_dir("runs", _RUNS.value)
-  cli.check_out_prefix("out", _OUT.value, makes_dir=True)
+  cli.check_configs(
+      (f"--mixers={name} with --train_len={_TRAIN_LEN.value} --steps={_STEPS.value} "
+       f"--d_model={_D_MODEL.value}",
+       mixer_config(name, train_len=_TRAIN_LEN.value, steps=_STEPS.value,
+                    d_model=_D_MODEL.value)) for name in _MIXERS.value)
+  cli.check_outputs(_RUNS.value, _OUT.value)
 
 
 def cli_main(argv=None) -> int:

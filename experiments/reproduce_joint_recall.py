@@ -84,8 +84,6 @@ def _check() -> None:
   """Before any training: the patterns (registered mixers, a valid config each), the counts,
   --top_k and the output paths."""
   from experiments import cli, sweep  # pylint: disable=g-import-not-at-top
-  from layers.common import ConfigError  # pylint: disable=g-import-not-at-top
-  from lcm import config as config_lib  # pylint: disable=g-import-not-at-top
   f = _FLAGS
   for flag in ("steps", "num_layers", "seq_len"):
     if f[flag].value is not None:
@@ -98,14 +96,9 @@ def _check() -> None:
   if any("landmark" in p for p in patterns):
     cli.int_list("top_k", f.top_k, min_value=1)
   base = _base_config()
-  for p in patterns:
-    try:
-      config_lib.validate(sweep.apply_overrides(base, {"model.pattern": p}))
-    except ConfigError as e:
-      raise cli.CommandLineError(f"--patterns: {p} is not a valid config with these flags: "
-                                 f"{e}") from None
-  cli.check_dir("runs", f.runs)
-  cli.check_out_prefix("out", f.out, makes_dir=True)
+  cli.check_configs((f"--patterns: {p} with these flags",
+                     sweep.apply_overrides(base, {"model.pattern": p})) for p in patterns)
+  cli.check_outputs(f.runs, f.out)
 
 
 def cli_main(argv=None) -> int:

@@ -73,8 +73,6 @@ def _check() -> None:
   """Before any training: mixers, lengths, counts, the landmark block and top-k values, every
   mixer's config and the output paths."""
   from experiments import cli  # pylint: disable=g-import-not-at-top
-  from layers.common import ConfigError  # pylint: disable=g-import-not-at-top
-  from lcm import config as config_lib  # pylint: disable=g-import-not-at-top
   f = _FLAGS
   cli.check_mixers("mixers", f.mixers)
   cli.check_int("train_len", f.train_len, min_value=1)
@@ -88,17 +86,12 @@ def _check() -> None:
   cli.int_list("extra_top_k", f.extra_top_k, min_value=1, allow_empty=True)
   cli.check_int("examples", f.examples, min_value=1)
   cli.check_float("max_dense_gb", f.max_dense_gb, above=0.0)
-  for name in f.mixers:
-    c = mixer_config(name, train_len=f.train_len, steps=f.steps, batch_size=f.batch_size,
-                     block_size=f.block_size, top_k=f.top_k, eval_every=f.eval_every,
-                     max_tail=f.max_tail)
-    try:
-      config_lib.validate(c)
-    except ConfigError as e:
-      raise cli.CommandLineError(f"--mixers={name}: with these flags the config is invalid: "
-                                 f"{e}") from None
-  cli.check_dir("runs", f.runs)
-  cli.check_out_prefix("out", f.out, makes_dir=True)
+  cli.check_configs(
+      (f"--mixers={name} with these flags",
+       mixer_config(name, train_len=f.train_len, steps=f.steps, batch_size=f.batch_size,
+                    block_size=f.block_size, top_k=f.top_k, eval_every=f.eval_every,
+                    max_tail=f.max_tail)) for name in f.mixers)
+  cli.check_outputs(f.runs, f.out)
 
 
 def cli_main(argv=None) -> int:

@@ -26,7 +26,6 @@ from absl import flags, logging
 
 from configs import mqar
 from experiments import cli, sweep
-from layers.common import ConfigError
 from lcm import registry
 
 # What the figures depend on (lcm.provenance): the model, the configs, these drivers.
@@ -58,7 +57,6 @@ def _check() -> None:
   """Before any training: mixers (a name of DEFAULT_MIXERS that is not registered is skipped
   with a note, as documented; any other unknown name is refused), widths, learning rates,
   counts, every grid point's config and the output paths."""
-  from lcm import config as config_lib  # pylint: disable=import-outside-toplevel
   names = [m.strip() for m in _MIXERS.value]
   known = [m for m in names if m in registry.names()]
   cli.check_mixers("mixers", [m for m in names if m not in DEFAULT_MIXERS] or known or names)
@@ -72,16 +70,11 @@ def _check() -> None:
   cli.check_int("steps", _STEPS.value, min_value=1)
   base = base_config(_STEPS.value, _SEQ.value, _KV.value)
   grid = {"model.pattern": known, "model.d_model": widths, "train.lr": lrs[:1]}
-  for point in sweep.expand_grid(grid):
-    try:
-      config_lib.validate(sweep.apply_overrides(base, point))
-    except ConfigError as e:
-      raise cli.CommandLineError(f"--mixers / --widths: {point['model.pattern']} at width "
-                                 f"{point['model.d_model']} (--seq_len={_SEQ.value} "
-                                 f"--num_kv_pairs={_KV.value}) is not a valid config: "
-                                 f"{e}") from None
-  cli.check_dir("runs", _RUNS.value)
-  cli.check_out_prefix("out", _OUT.value, makes_dir=True)
+  cli.check_configs(
+      (f"--mixers / --widths: {point['model.pattern']} at width {point['model.d_model']} "
+       f"(--seq_len={_SEQ.value} --num_kv_pairs={_KV.value})",
+       sweep.apply_overrides(base, point)) for point in sweep.expand_grid(grid))
+  cli.check_outputs(_RUNS.value, _OUT.value)
 
 
 def cli_main(argv=None) -> int:

@@ -273,7 +273,6 @@ def _check() -> None:
   """Everything but the training: the config loads, the grid parses and every grid point is
   a valid config, the runs folder and the outputs can be written."""
   from experiments import cli  # pylint: disable=import-outside-toplevel
-  from lcm import config as config_lib  # pylint: disable=import-outside-toplevel
   spec = _CONFIG.value
   if not spec.strip():
     raise cli.CommandLineError("--config is empty; give configs/<family>.py:<arg>, e.g. "
@@ -298,14 +297,9 @@ def _check() -> None:
   except ConfigError as e:
     raise cli.CommandLineError(f"--grid: {e} (the grid is key=v1,v2;key2=... with dotted "
                                "config keys)") from None
-  for point in points:
-    try:
-      config_lib.validate(apply_overrides(base, point))
-    except ConfigError as e:
-      where = f"--grid: grid point {point_name(point)}" if point else f"--config={spec}"
-      raise cli.CommandLineError(f"{where} is not a valid config: {e}") from None
-  cli.check_dir("runs", _RUNS.value)
-  cli.check_out_prefix("out", _OUT.value)
+  cli.check_configs((f"--grid: grid point {point_name(point)}" if point else
+                     f"--config={spec}", apply_overrides(base, point)) for point in points)
+  cli.check_outputs(_RUNS.value, _OUT.value, makes_dir=False)
 
 
 def cli_main(argv=None) -> int:

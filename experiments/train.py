@@ -30,6 +30,7 @@ from absl import flags, logging
 from ml_collections import config_dict, config_flags
 
 from layers.common import ConfigError
+from experiments import cli
 from experiments.cli import (  # noqa: F401  the error machinery, shared with every entry point
     HELP_FLAGS, CommandLineError, error_line, flag_error_line, report, wants_debug)
 from lcm import provenance, registry, sharding, train
@@ -336,14 +337,7 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
   """The command, callable in-process: parses ``argv`` (``argv[0]`` is the program) into
   fresh flags, trains, and returns the exit status; bad input prints one line on stderr
   (``--debug``: raises instead)."""
-  argv = list(sys.argv if argv is None else argv)
-  debug = wants_debug(argv)
-  try:
-    return _main(argv)
-  except BaseException as e:  # pylint: disable=broad-except
-    if debug or isinstance(e, SystemExit):
-      raise
-    return report(*error_line(e, _classify))
+  return cli.guarded(argv, _main, _classify)
 
 
 def _main(argv: list[str]) -> int:
