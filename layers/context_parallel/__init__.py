@@ -50,6 +50,9 @@ module supplies it:
   ``u_t = A_{<=t}^T q_t`` (the update acts on each state column separately); the dense
   prefix gives ``S_in`` and ``o_t += S_in^T u_t`` is exact. Cost: ``Dv + Dk`` value
   columns in the one local pass (about 2x the state work for ``Dk = Dv``).
+  The diagonal-plus-low-rank recurrence (:func:`dplr`, a drop-in for
+  ``kernels.dplr.dplr_recurrence``: RWKV-7) also acts on each state column separately and
+  is split the same way.
 
 * **Diagonal recurrence** (:func:`diagonal_recurrence`, a drop-in for
   ``kernels.diag_scan.diagonal_recurrence``: Mamba, S4D with complex modes). Per channel
@@ -103,12 +106,12 @@ from layers.context_parallel.attention import attention, gathered_rows
 from layers.context_parallel.primitives import (AXIS, BATCH_AXES, exclusive_affine_prefix,
                                                 halo, sequence_context, sequence_mesh,
                                                 with_history)
-from layers.context_parallel.recurrence import (delta_rule, delta_rule_shard,
-                                                diagonal_recurrence, diagonal_shard,
+from layers.context_parallel.recurrence import (delta_rule, delta_rule_shard, dplr,
+                                                dplr_shard, diagonal_recurrence, diagonal_shard,
                                                 handoff_shard, linear_recurrence,
                                                 recurrence_shard, sequential)
 
 __all__ = ["AXIS", "BATCH_AXES", "sequence_mesh", "sequence_context", "halo", "exclusive_affine_prefix",
            "recurrence_shard", "linear_recurrence", "delta_rule_shard", "delta_rule",
-           "diagonal_shard", "diagonal_recurrence", "handoff_shard", "sequential",
+           "dplr_shard", "dplr", "diagonal_shard", "diagonal_recurrence", "handoff_shard", "sequential",
            "with_history", "attention", "gathered_rows"]

@@ -2,9 +2,9 @@
 an exclusive prefix over shards gives its incoming state, and a correction adds that
 state's contribution (the math: the package docstring and docs/context-parallel.md).
 
-Three kernels, three entry points with the kernels' own signatures (drop-ins):
-``linear_recurrence`` (``kernels.chunked_scan``), ``delta_rule`` (``kernels.delta_rule``)
-and ``diagonal_recurrence`` (``kernels.diag_scan``). Each runs the plain kernel without a
+Four kernels, four entry points with the kernels' own signatures (drop-ins):
+``linear_recurrence`` (``kernels.chunked_scan``), ``delta_rule`` (``kernels.delta_rule``),
+``dplr`` (``kernels.dplr``) and ``diagonal_recurrence`` (``kernels.diag_scan``). Each runs the plain kernel without a
 sequence mesh and its ``*_shard`` function inside a ``shard_map`` over ``sequence`` with
 one.
 """
@@ -19,12 +19,13 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from kernels import chunked_scan, delta_rule as delta_rule_kernel, diag_scan
+from kernels import dplr as dplr_kernel
 from layers.context_parallel.primitives import (AXIS, HIGHEST, TIME, batch_axes,
                                                 exclusive_affine_prefix, sequence_mesh,
                                                 shard_map, varying)
 
 __all__ = ["recurrence_shard", "linear_recurrence", "delta_rule_shard", "delta_rule",
-           "diagonal_shard", "diagonal_recurrence", "handoff_shard", "sequential"]
+           "dplr_shard", "dplr", "diagonal_shard", "diagonal_recurrence", "handoff_shard", "sequential"]
 
 
 def recurrence_shard(q, k, v, log_decay=None, *, reset=None, initial_state=None,
@@ -149,13 +150,22 @@ def delta_rule_shard(q, k, v, beta, log_decay=None, *, reset=None, initial_state
   (one extra rounding for bf16 inputs). Returns ``(o [B, L, H, Dv], final state of the
   whole sequence [B, H, Dk, Dv])``.
   """
+  return _widened_shard(
+      lambda v_ext, s0: kernel(q, k, v_ext, beta, log_decay, initial_state=s0, reset=reset),
+      q, v, initial_state, axis_name)
+
+
+def _widened_shard(run: Callable, q, v, initial_state, axis_name: str):
+  """The hand-off shared by the recurrences whose update acts on each state column
+  separately (:func:`delta_rule_shard`, :func:`dplr_shard`): ``run(v_ext, s0)`` is the
+  kernel on this shard with the values ``v_ext = [v | 0]`` from the state ``s0 = [0 | I]``."""
   f32 = jnp.float32
   bsz, length, heads, dk = q.shape
   dv = v.shape[-1]
   eye = jnp.broadcast_to(jnp.eye(dk, dtype=f32), (bsz, heads, dk, dk))
   s0 = varying(jnp.concatenate([jnp.zeros((bsz, heads, dk, dv), f32), eye], -1), axis_name)
   v_ext = jnp.concatenate([v, jnp.zeros((bsz, length, heads, dk), v.dtype)], -1)
-  o_ext, s_ext = kernel(q, k, v_ext, beta, log_decay, initial_state=s0, reset=reset)
+  o_ext, s_ext = run(v_ext, s0)
   s_in, s_total = exclusive_affine_prefix(s_ext[..., dv:], s_ext[..., :dv], axis_name,
                                           dense=True, initial=initial_state)
   corr = jnp.einsum("blhk,bhkv->blhv", o_ext[..., dv:].astype(f32), s_in, precision=HIGHEST)
@@ -177,6 +187,34 @@ def delta_rule(q, k, v, beta, log_decay=None, *, initial_state=None, reset=None,
       lambda a: delta_rule_shard(a["q"], a["k"], a["v"], a["beta"], a.get("log_decay"),
                                  reset=a.get("reset"), initial_state=a.get("initial_state"),
                                  kernel=kernel))
+
+
+def dplr_shard(q, k, v, a, b, log_decay, *, reset=None, initial_state=None,
+               kernel: Callable, axis_name: str = AXIS):
+  """One shard of :func:`dplr`: ``S_t = (diag(e^{g_t}) + a_t b_t^T) S_{t-1} + k_t v_t^T``
+  acts on each state column separately, like the delta rule, so the same single widened
+  pass (:func:`delta_rule_shard`) gives the local outputs, the shard's dense transition
+  and ``u_t = A_{<=t}^T q_t``; the dense prefix and ``o_t += S_in^T u_t`` are exact."""
+  return _widened_shard(
+      lambda v_ext, s0: kernel(q, k, v_ext, a, b, log_decay, initial_state=s0, reset=reset),
+      q, v, initial_state, axis_name)
+
+
+def dplr(q, k, v, a, b, log_decay, *, initial_state=None, reset=None, chunk_size: int = 64,
+         impl: str = "auto", interpret=False):
+  """``kernels.dplr.dplr_recurrence`` (same arguments and results), split over the context
+  mesh's ``sequence`` axis when there is one (:func:`dplr_shard`)."""
+  kernel = functools.partial(dplr_kernel.dplr_recurrence, chunk_size=chunk_size, impl=impl,
+                             interpret=interpret)
+  args = {"q": q, "k": k, "v": v, "a": a, "b": b, "log_decay": log_decay, "reset": reset,
+          "initial_state": initial_state}
+  names = ("q", "k", "v", "a", "b", "log_decay")
+  return _split(
+      lambda x: kernel(*(x[n] for n in names), initial_state=x.get("initial_state"),
+                       reset=x.get("reset")),
+      args,
+      lambda x: dplr_shard(*(x[n] for n in names), reset=x.get("reset"),
+                           initial_state=x.get("initial_state"), kernel=kernel))
 
 
 def diagonal_shard(log_a, b, *, reset=None, initial_state=None, kernel: Callable,
