@@ -39,7 +39,8 @@ Implementations (``impl``):
 Inputs: q, k, a, b, log_decay ``[B,T,H,Dk]``; v ``[B,T,H,Dv]``; ``initial_state``
 ``[B,H,Dk,Dv]``; ``reset`` ``[B,T]`` bool (state zeroed before that token). No implicit
 scaling or normalisation. ``log_decay`` is normally <= 0 (anything down to -60 per step,
-and 0, are exact); positive values are allowed but grow the state. Outputs: ``o``
+and 0, are exact); positive values are allowed while ``exp`` of their sum over a chunk
+stays finite (an overflow there is a NaN that masks cannot stop). Outputs: ``o``
 ``[B,T,H,Dv]`` in q's dtype, ``final_state`` ``[B,H,Dk,Dv]`` float32. All accumulation is
 float32.
 """
