@@ -42,6 +42,7 @@ _TABLE: dict[str, tuple[str, str, dict[str, Any]]] = {
     "gated_deltanet": ("layers.linear_attention.deltanet", "GatedDeltaNet", {}),
     "based": ("layers.linear_attention.based", "Based", {}),
     "jrt": ("layers.linear_attention.jrt", "JRT", {}),
+    "rwkv7": ("layers.linear_attention", "RWKV7", {}),
     "titans_lmm": ("layers.neural_memory.lmm", "TitansLMM", {}),
     "titans_mac": ("layers.neural_memory.mac", "TitansMAC", {}),
     "titans_mag": ("layers.neural_memory.window", "TitansMAG", {}),

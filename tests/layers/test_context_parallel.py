@@ -315,6 +315,11 @@ MIXERS = {
     # exact_len 8 < T: exact rows, then top-2 retrieval (packed: the dense form; unpacked:
     # shards of whole blocks, each block exact or retrieving).
     "landmark": {"num_heads": 2, "block_size": 4, "exact_len": 8, "top_k": 2},
+    # The token shift's one-token halo and the DPLR recurrence's dense hand-off;
+    # zero_init=False so that the output (and every gradient) is not identically zero.
+    "rwkv7": {"num_heads": 2, "chunk_size": 4, "impl": "xla", "zero_init": False,
+              "decay_low_rank_dim": 4, "a_low_rank_dim": 4, "v_low_rank_dim": 4,
+              "gate_low_rank_dim": 4},
 }
 # Not split (yet): XLA's partitioner gathers what they need, so they stay exact but hold
 # the whole sequence per device; checked under LCM_CP_ALL=1 (docs/context-parallel.md).
@@ -328,7 +333,7 @@ ALL = os.environ.get("LCM_CP_ALL") == "1"
 SIZE = {"attention": 8, "swa": 8, "mamba2": 4, "linear_attention": 2, "retnet": 8, "gla": 4,
         "based": 8, "jrt": 2, "deltanet": 8, "gated_deltanet": 4, "mamba": 8, "s4d": 2,
         "titans_lmm": 8, "titans_mag": 4, "titans_mal": 2, "mom": 4,
-        "landmark": 8, "titans_mac": 2, "memory_caching": 4}
+        "landmark": 8, "titans_mac": 2, "memory_caching": 4, "rwkv7": 8}
 # Compile-heavy: the default suite checks only the unpacked split (LCM_CP_ALL=1 the rest).
 SLOW = {"titans_mac"}
 if ALL:

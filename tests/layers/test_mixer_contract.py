@@ -28,7 +28,9 @@ PROJ = jax.random.normal(jax.random.key(9), (B, T, D))  # the gradient tests' lo
 # Parameters whose gradient is zero by construction at OVERRIDES: memory_caching's top-1
 # segment choice gives the chosen segment weight 1 whatever its score, so the scoring
 # query gets no gradient (with top_k >= 2 it does).
-ZERO_GRADIENT = {"memory_caching": {"gate_q/kernel"}}
+# rwkv7 called alone is the first RWKV-7 layer, whose value-residual gate is unused (the
+# residual mixes later layers' values towards the first one's: tests/layers/test_rwkv7.py).
+ZERO_GRADIENT = {"memory_caching": {"gate_q/kernel"}, "rwkv7": {"v0", "v1", "v2"}}
 
 OVERRIDES = {
     "attention": {"num_heads": 2},
@@ -58,6 +60,9 @@ OVERRIDES = {
                        "aggregation": "topk", "top_k": 1,
                        "inner_overrides": (("use_short_conv", True), ("gate_low_rank_dim", 4))},
     "mom": {"chunk_size": 4, "num_heads": 2, "num_memories": 4, "top_k": 2, "expand_v": 1.0},
+    # zero_init=False: the published zero output projection would make the output 0.
+    "rwkv7": {"chunk_size": 4, "num_heads": 2, "zero_init": False, "decay_low_rank_dim": 4,
+              "a_low_rank_dim": 4, "v_low_rank_dim": 4, "gate_low_rank_dim": 4},
 }
 
 
