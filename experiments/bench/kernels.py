@@ -23,16 +23,19 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from experiments.bench import common
-from kernels import chunked_scan, delta_rule, diag_scan
+from kernels import chunked_scan, delta_rule, diag_scan, dplr
 
 _OPS = flags.DEFINE_list("ops", ["linear_recurrence", "delta_rule", "diagonal_recurrence"],
-                         "Kernel ops to time.")
+                         "Kernel ops to time (also: dplr).")
 _LENGTHS = flags.DEFINE_list("lengths", [str(1024 << i) for i in range(7)],
                              "Sequence lengths T (kernels).")
 _BATCH = flags.DEFINE_integer("batch", 1, "Batch size (kernels).")
 _HEADS = flags.DEFINE_integer("heads", 4, "Heads H (kernels).")
 _HEAD_DIM = flags.DEFINE_integer("head_dim", 64, "Head dim D = Dk = Dv (kernels).")
 _CHUNK = flags.DEFINE_integer("chunk_size", 64, "chunk_size of the chunked ops (kernels).")
+_DPLR_CHUNK = flags.DEFINE_integer("dplr_chunk_size", 16,
+                                  "chunk_size of dplr (its fastest on CPU; the others use "
+                                  "--chunk_size).")
 _LR_DECAY = flags.DEFINE_enum("lr_decay", "head", ["none", "head", "channel"],
                               "linear_recurrence log decay: none, [B,T,H] or [B,T,H,D].")
 _REF_MAX = flags.DEFINE_integer("reference_max_len", 16384,
@@ -78,6 +81,17 @@ def op_case(op, key, b, t, h, d, lr_decay):
     fn = lambda impl, chunk: (lambda *a: delta_rule.delta_rule(
         *a, chunk_size=chunk, impl=impl))
     desc = "q, k (unit norm), v [B,T,H,D]; beta, log_decay [B,T,H] (Gated DeltaNet)"
+  elif op == "dplr":
+    kappa = nrm(1, shape)
+    kappa = kappa / jnp.linalg.norm(kappa, axis=-1, keepdims=True)
+    a = -jax.nn.sigmoid(nrm(3, shape)) * kappa
+    log_w = -jnp.exp(-0.5) * jax.nn.sigmoid(nrm(4, shape))  # RWKV-7's decay range
+    args = (nrm(0, shape) / math.sqrt(d), nrm(5, shape) / math.sqrt(d), nrm(2, shape), a,
+            kappa, log_w)
+    fn = lambda impl, chunk: (lambda *x: dplr.dplr_recurrence(
+        *x, chunk_size=_DPLR_CHUNK.value, impl=impl))
+    desc = ("q, k, v [B,T,H,D]; a = -iclr * b, b unit norm, log_decay [B,T,H,D] "
+            f"(RWKV-7's range); chunk_size {_DPLR_CHUNK.value}")
   elif op == "diagonal_recurrence":
     args = (jax.nn.log_sigmoid(nrm(0, shape) + 4.0), nrm(1, shape))
     fn = lambda impl, chunk: (lambda *a: diag_scan.diagonal_recurrence(*a, impl=impl))

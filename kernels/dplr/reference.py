@@ -125,7 +125,7 @@ def prepare(q, k, v, a, b, g, seg):
   strict = jnp.tril(jnp.ones((C, C), bool), -1)[..., None]
   e_x = jnp.exp(jnp.where(strict & same, excl, NEG_INF))
   e_y = jnp.exp(jnp.where(lower & same, incl, NEG_INF))
-  pair = lambda x, y, e: jnp.einsum("...id,...jd,...ijd->...ij", x, y, e, precision=_HI)
+  pair = lambda x, y, e: jnp.sum(x[..., :, None, :] * y[..., None, :, :] * e, axis=-1)
   m, n = pair(b, a, e_x), pair(b, k, e_x)
   p, r = pair(q, a, e_y), pair(q, k, e_y)
   first = (segh == 0)[..., None]  # the entering state reaches token i
