@@ -40,12 +40,15 @@ DEFAULT_MIXERS = ["attention", "based", "mamba", "mamba2", "gla", "deltanet", "g
 def _define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
   """The flags, in ``fv`` (a fresh one per :func:`cli_main` call; tests import this module
   next to other experiments whose flags share names)."""
-  global _MIXERS, _WIDTHS, _LRS, _SEQ, _KV, _STEPS, _RUNS, _OUT
+  global _MIXERS, _WIDTHS, _LRS, _SEEDS, _SEQ, _KV, _STEPS, _RUNS, _OUT
   _MIXERS = flags.DEFINE_list("mixers", DEFAULT_MIXERS, "Mixers to compare.", flag_values=fv)
   _WIDTHS = flags.DEFINE_list("widths", ["32", "64"], "Model widths (d_model).",
                               flag_values=fv)
   _LRS = flags.DEFINE_list("lrs", ["3e-3"], "Learning rates; the best per (mixer, width) "
                            "counts.", flag_values=fv)
+  _SEEDS = flags.DEFINE_list("seeds", ["0"], "Training seeds; with more than one, the table "
+                             "gives the mean and range over seeds of the best-over-lr "
+                             "accuracy.", flag_values=fv)
   _SEQ = flags.DEFINE_integer("seq_len", 64, "Sequence length.", flag_values=fv)
   _KV = flags.DEFINE_integer("num_kv_pairs", 4, "Key-value pairs per example.", flag_values=fv)
   _STEPS = flags.DEFINE_integer("steps", 1000, "Training steps per run.", flag_values=fv)
@@ -65,6 +68,7 @@ def _check() -> None:
                                f"(registered: {', '.join(registry.names())})")
   widths = cli.int_list("widths", _WIDTHS.value, min_value=1)
   lrs = cli.float_list("lrs", _LRS.value, above=0.0)
+  cli.int_list("seeds", _SEEDS.value, min_value=0)
   cli.check_int("seq_len", _SEQ.value, min_value=1)
   cli.check_int("num_kv_pairs", _KV.value, min_value=1)
   cli.check_int("steps", _STEPS.value, min_value=1)
@@ -94,13 +98,31 @@ def base_config(steps: int, seq_len: int, num_kv_pairs: int):
 
 
 def best_per_width(rows: list[dict]) -> list[dict]:
-  """The best run over learning rates for every (mixer, width), in mixer then width order."""
+  """The best run over learning rates for every (mixer, width[, seed]), in mixer then width
+  order."""
   best: dict[tuple, dict] = {}
   for r in rows:
-    key = (r["model.pattern"], r["model.d_model"])
+    key = (r["model.pattern"], r["model.d_model"], r.get("seed"))
     if key not in best or (r["best_accuracy"] or 0) > (best[key]["best_accuracy"] or 0):
       best[key] = r
   return list(best.values())
+
+
+def over_seeds(best: list[dict]) -> list[dict]:
+  """One row per (mixer, width): mean, min and max over seeds of the best-over-lr accuracy
+  (``best_accuracy`` is the mean, so the plots and tables read it as before)."""
+  groups: dict[tuple, list[dict]] = {}
+  for r in best:
+    if r.get("best_accuracy") is not None:
+      groups.setdefault((r["model.pattern"], r["model.d_model"]), []).append(r)
+  out = []
+  for (mixer, width), rs in groups.items():
+    acc = [r["best_accuracy"] for r in rs]
+    out.append({**{k: v for k, v in rs[0].items() if k not in ("seed", "workdir")},
+                "best_accuracy": sum(acc) / len(acc), "accuracy_min": min(acc),
+                "accuracy_max": max(acc), "seeds": len(acc),
+                "accuracy_per_seed": [round(a, 4) for a in acc]})
+  return out
 
 
 def plot(best: list[dict], out_dir: str, title: str) -> None:
@@ -140,20 +162,29 @@ def main(argv):
   base = base_config(_STEPS.value, _SEQ.value, _KV.value)
   grid = {"model.pattern": mixers, "model.d_model": [int(w) for w in _WIDTHS.value],
           "train.lr": [float(x) for x in _LRS.value]}
+  seeds = [int(x) for x in _SEEDS.value]
+  if seeds != [0]:
+    grid["seed"] = seeds
   rows = sweep.run_grid(base, sweep.expand_grid(grid), _RUNS.value)
   os.makedirs(_OUT.value, exist_ok=True)
   sweep.write_table(rows, os.path.join(_OUT.value, "all_runs"), list(grid))
   best = best_per_width(rows)
+  columns = ("best_accuracy", "best_step", "num_params", "state_size", "tokens_per_second")
+  if "seed" in grid:
+    best = over_seeds(best)
+    columns = ("best_accuracy", "accuracy_min", "accuracy_max", "seeds", "num_params",
+               "state_size", "tokens_per_second")
   setting = (f"seq {_SEQ.value}, {_KV.value} kv pairs, vocab 256, 2 layers, {_STEPS.value} "
-             f"steps, batch 64, lr in {{{', '.join(_LRS.value)}}}")
+             f"steps, batch 64, lr in {{{', '.join(_LRS.value)}}}"
+             + (f", training seeds {{{', '.join(map(str, seeds))}}}: best_accuracy is their "
+                "mean, min / max their range" if "seed" in grid else ""))
   note = (f"Made by `python -m experiments.reproduce_zoology` ({setting}; held-out accuracy "
           "on 1024 examples, best over evaluations and learning rates; 2-core CPU)."
           + (f" Not registered, so not run: {', '.join(missing)}." if missing else "")
           + "".join(f" FAILED (run again to retry): {os.path.basename(r['workdir'])}: {r['error']}."
                     for r in rows if r.get("error")))
   text = sweep.write_table(best, _OUT.value, ["model.pattern", "model.d_model", "train.lr"],
-                           columns=("best_accuracy", "best_step", "num_params", "state_size",
-                                    "tokens_per_second"),
+                           columns=columns,
                            title="MQAR accuracy vs width (Zoology at CPU scale)", note=note)
   name = os.path.basename(_OUT.value)
   text += (f"\n![accuracy vs width]({name}/accuracy_vs_width.png)\n"
