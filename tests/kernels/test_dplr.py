@@ -3,8 +3,9 @@ special case, numerics at the decay extremes, continuation, resets and errors (t
 kernels: test_dplr_pallas.py).
 
 Inputs are RWKV-7-like: ``b`` an L2-normalised removal key, ``a = -(iclr * b)`` with an
-in-context learning rate in (0, 1), per-channel log decays ``-exp(N(0, 1))`` (RWKV-7's
-``w``), one head with a stretch of -60 per step. One jitted ``value_and_grad`` per
+in-context learning rate in (0, 1), per-channel log decays ``-exp(s_d + N(0, 1/4))`` with
+speeds ``s_d`` from -6 to 0 (slow channels carry the state across chunks), one head with a
+stretch of -60 per step. One jitted ``value_and_grad`` per
 (impl, chunk) returns outputs, final state and the gradients w.r.t. every input.
 """
 
@@ -35,7 +36,9 @@ def _inputs(seed=0, dtype=jnp.float32):
   shape = (B, T, H, DK)
   kappa = _l2norm(jax.random.normal(ks[0], shape))
   iclr = jax.nn.sigmoid(jax.random.normal(ks[1], shape))
-  g = -jnp.exp(jax.random.normal(ks[2], shape))
+  # per-channel speeds from e^-6 (the state crosses many chunks) to e^0 per step
+  speed = jnp.linspace(-6.0, 0.0, DK)
+  g = -jnp.exp(speed + 0.5 * jax.random.normal(ks[2], shape))
   g = g.at[:, 10:14, 1].set(-60.0)  # head 1: a stretch of the strongest decays
   reset = (jax.random.uniform(ks[3], (B, T)) < 0.06).at[0, 0].set(True).at[1, 33].set(True)
   cast = lambda x: x.astype(dtype)
