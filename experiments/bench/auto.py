@@ -39,11 +39,13 @@ import numpy as np
 from absl import flags
 
 from experiments.bench import common
-from kernels import block_sparse, chunked_scan, delta_rule, diag_scan
+from kernels import block_sparse, chunked_scan, delta_rule, diag_scan, dplr
 from kernels.common import LONG_FROM, PALLAS_IMPLS, platform, shape_class
 
 _OPS = flags.DEFINE_list("auto_ops", ["chunked_scan", "delta_rule", "diag_scan",
-                                      "block_sparse"], "Kernels to time (auto).")
+                                      "block_sparse"],
+                         "Kernels to time (auto); dplr's rows are measured by its own run, "
+                         "--auto_ops=dplr --out=results/bench_auto_dplr.")
 _SHORT = flags.DEFINE_integer("auto_short_len", 1024, "T of the short cases (auto).")
 _LONG = flags.DEFINE_integer("auto_long_len", 16384, "T of the long cases (auto).")
 _MAX_TEMP = flags.DEFINE_float("auto_max_temp_gib", 4.0,
@@ -56,6 +58,7 @@ DEFAULT_REPEATS = 3
 CODE = ("kernels", "experiments/bench")
 
 KERNELS = {"chunked_scan": chunked_scan, "delta_rule": delta_rule, "diag_scan": diag_scan,
+           "dplr": dplr,
            "block_sparse": block_sparse}
 
 
@@ -102,6 +105,20 @@ def cases(kernel: str, short: int, long: int):
     for t in (short, long):
       out.append((f"gated: q/k (unit)/v [1,{t},4,64], beta/log_decay [1,{t},4], chunk 64", t,
                   dr(t)))
+
+  elif kernel == "dplr":
+    def dp(t, h=4, d=64, chunk=16):
+      def build(key, impl):
+        ks = jax.random.split(key, 6)
+        kappa = nrm(ks[0], (1, t, h, d))
+        kappa = kappa / jnp.linalg.norm(kappa, axis=-1, keepdims=True)
+        args = (nrm(ks[1], (1, t, h, d)) / 8.0, nrm(ks[2], (1, t, h, d)) / 8.0,
+                nrm(ks[3], (1, t, h, d)), -jax.nn.sigmoid(nrm(ks[4], (1, t, h, d))) * kappa,
+                kappa, -jnp.exp(-0.5) * jax.nn.sigmoid(nrm(ks[5], (1, t, h, d))))
+        return (lambda *a: dplr.dplr_recurrence(*a, chunk_size=chunk, impl=impl)), args
+      return build
+    for t in (short, long):
+      out.append((f"RWKV-7-like: q/k/v/a/b/log_decay [1,{t},4,64], chunk 16", t, dp(t)))
 
   elif kernel == "diag_scan":
     def ds(t, chan, complex_=False):
