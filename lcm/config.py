@@ -17,6 +17,7 @@ import ml_collections
 from layers.common import ConfigError
 from lcm import registry
 from lcm.data.tasks import TASKS
+from lcm.model import MLPS
 
 DTYPES = ("float32", "bfloat16")
 NAN_POLICIES = ("stop", "skip")
@@ -41,7 +42,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.num_layers = 2
   # Comma-separated mixer names; the pattern is repeated num_layers / len(pattern) times.
   c.model.pattern = "attention"
-  c.model.mlp_ratio = 4.0  # SwiGLU hidden = round(mlp_ratio * d_model); 0 = no MLP
+  c.model.mlp_ratio = 4.0  # MLP hidden = round(mlp_ratio * d_model); 0 = no MLP
+  # "swiglu", or "rwkv": RWKV-7's channel mix, relu(x_k W_k)^2 W_v with a token shift.
+  c.model.mlp = "swiglu"
   c.model.mixers = ml_collections.ConfigDict()  # per-mixer overrides: mixers.<name>.<field>
   c.model.dtype = "float32"  # compute dtype
   c.model.param_dtype = "float32"
@@ -321,6 +324,7 @@ def validate(c: ml_collections.ConfigDict, *, num_devices: int | None = None) ->
     raise ConfigError("model.num_layers", f"must be a multiple of the pattern length "
                       f"{len(names)} (pattern {m.pattern!r}, got {num_layers})")
   _float(c, "model.mlp_ratio", lo=0.0)
+  _choice(c, "model.mlp", MLPS)
   _choice(c, "model.dtype", DTYPES)
   _choice(c, "model.param_dtype", ("float32",))
   _bool(c, "model.remat")

@@ -1,4 +1,4 @@
-"""Decoder LM: embed -> groups of pre-norm blocks (norm, mixer, norm, SwiGLU) -> norm -> head.
+"""Decoder LM: embed -> groups of pre-norm blocks (norm, mixer, norm, MLP) -> norm -> head.
 
 The block pattern (``model.pattern``, e.g. ``"gla,gla,swa"``) is one *group*; the group is
 repeated ``num_layers / len(pattern)`` times. With ``scan_layers`` the repeated groups are
@@ -17,6 +17,19 @@ that wraps the layer stack in ``__call__`` and ``step`` and sizes the state (``c
 ``init_state``). Landmark attention uses it to insert its landmark tokens
 (``layers/landmark_tokens.py``); the LM itself has no mixer-specific code. Callers never see
 the layout: tokens in, one logit row per token out.
+
+Layer carry. A mixer class may ask for a value handed from layer to layer through the stack
+(RWKV-7's value residual: later layers mix their values towards the first layer's). It
+defines ``init_layer_carry(configs, *, d_model, batch, length, dtype)`` (the carry's initial
+pytree, from the field dicts of every pattern name using the class), ``call_with_carry(x,
+carry, segment_ids) -> (y, carry)`` and ``step_with_carry(x, state, carry) -> (y, state,
+carry)``. The LM threads ``{class key: carry}`` through ``__call__`` and ``step`` (through
+``nnx.scan`` over the groups with ``scan_layers``); a carry is built per call, never part
+of the decode state. Without such a mixer the carry is ``{}`` and adds nothing.
+
+MLP (``model.mlp``): ``"swiglu"`` (``SwiGLU``) or ``"rwkv"`` (RWKV-7's channel mix, which
+token-shifts its input: its previous token joins the block's decode state as
+``{"mixer": mixer state, "mlp": [B, D]}``; with ``"swiglu"`` a block's state is the mixer's).
 """
 
 from __future__ import annotations
@@ -26,9 +39,16 @@ import jax.numpy as jnp
 from flax import nnx
 
 from layers.common import ConfigError, Linear, RMSNorm, SwiGLU, param
+from layers.linear_attention import RWKV7ChannelMix
 from lcm import registry
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+MLPS = ("swiglu", "rwkv")  # model.mlp
+
+
+def carry_key(cls) -> str:
+  """The key of a mixer class's entry in the layer carry (``init_layer_carry`` hook)."""
+  return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def _embed_init(key, shape, dtype):
@@ -45,18 +65,28 @@ class Block(nnx.Module):
     self.norm1 = RMSNorm(d, eps=cfg.norm_eps, dtype=dtype, param_dtype=pdtype, rngs=rngs)
     self.mixer = registry.create(name, d_model=d, rngs=rngs, dtype=dtype, param_dtype=pdtype,
                                  **overrides)
+    cls = type(self.mixer)
+    self.carry_key = carry_key(cls) if hasattr(cls, "init_layer_carry") else None
+    kind = cfg.get("mlp", "swiglu")
+    if kind not in MLPS:
+      raise ConfigError("model.mlp", f"must be one of {', '.join(MLPS)} (got {kind!r})")
     hidden = int(round(cfg.mlp_ratio * d))
+    # The RWKV channel mix token-shifts: its previous input is decode state.
+    self.shift_mlp = hidden > 0 and kind == "rwkv"
     if hidden > 0:
       self.norm2 = RMSNorm(d, eps=cfg.norm_eps, dtype=dtype, param_dtype=pdtype, rngs=rngs)
-      self.mlp = SwiGLU(d, hidden, dtype=dtype, param_dtype=pdtype, rngs=rngs)
+      mlp = RWKV7ChannelMix if self.shift_mlp else SwiGLU
+      self.mlp = mlp(d, hidden, dtype=dtype, param_dtype=pdtype, rngs=rngs)
     else:
       self.norm2 = self.mlp = None
 
-  def _mlp(self, x):
+  def _mlp(self, x, segment_ids=None):
+    if self.shift_mlp:
+      return x + self.mlp(self.norm2(x), segment_ids)
     return x if self.mlp is None else x + self.mlp(self.norm2(x))
 
   def __call__(self, x, segment_ids=None):
-    return self._mlp(x + self.mixer(self.norm1(x), segment_ids=segment_ids))
+    return self._mlp(x + self.mixer(self.norm1(x), segment_ids=segment_ids), segment_ids)
 
   def call_with_aux(self, x, segment_ids=None):
     """(block output, the mixer's auxiliary loss): a mixer with an auxiliary loss (e.g. MoM's
@@ -65,11 +95,42 @@ class Block(nnx.Module):
     if fn is None:
       return self(x, segment_ids), jnp.zeros((), jnp.float32)
     y, aux = fn(self.norm1(x), segment_ids=segment_ids)
-    return self._mlp(x + y), aux.astype(jnp.float32)
+    return self._mlp(x + y, segment_ids), aux.astype(jnp.float32)
 
-  def step(self, x, state):
-    y, state = self.mixer.step(self.norm1(x), state)
-    return self._mlp(x + y), state
+  def call_with_carry(self, x, segment_ids, carry):
+    """(block output, auxiliary loss, layer carry): a mixer with the ``init_layer_carry``
+    hook reads and updates its entry of the carry; others leave it alone."""
+    if self.carry_key is None:
+      return (*self.call_with_aux(x, segment_ids), carry)
+    y, c = self.mixer.call_with_carry(self.norm1(x), carry[self.carry_key],
+                                      segment_ids=segment_ids)
+    return (self._mlp(x + y, segment_ids), jnp.zeros((), jnp.float32),
+            {**carry, self.carry_key: c})
+
+  def init_state(self, batch, dtype, max_len):
+    state = self.mixer.init_state(batch, dtype, max_len=max_len)
+    if self.shift_mlp:
+      return {"mixer": state, "mlp": self.mlp.init_state(batch, dtype)}
+    return state
+
+  def step(self, x, state, carry):
+    """(block output, state, layer carry) for a chunk x [B, t, D]."""
+    mixer_state = state["mixer"] if self.shift_mlp else state
+    if self.carry_key is None:
+      y, mixer_state = self.mixer.step(self.norm1(x), mixer_state)
+    else:
+      y, mixer_state, c = self.mixer.step_with_carry(self.norm1(x), mixer_state,
+                                                     carry[self.carry_key])
+      carry = {**carry, self.carry_key: c}
+    if not self.shift_mlp:
+      return self._mlp(x + y), mixer_state, carry
+    h = x + y
+    m, last = self.mlp.step(self.norm2(h), state["mlp"])
+    return h + m, {"mixer": mixer_state, "mlp": last}, carry
+
+  def state_size(self, batch, max_len):
+    n = self.mixer.state_size(batch, max_len=max_len)
+    return n + (self.mlp.state_size(batch) if self.shift_mlp else 0)
 
 
 class Group(nnx.Module):
@@ -90,18 +151,25 @@ class Group(nnx.Module):
       aux = aux + a
     return x, aux
 
-  def init_state(self, batch, dtype, max_len):
-    return [b.mixer.init_state(batch, dtype, max_len=max_len) for b in self.blocks]
+  def call_with_carry(self, x, segment_ids, carry):
+    aux = jnp.zeros((), jnp.float32)
+    for b in self.blocks:
+      x, a, carry = b.call_with_carry(x, segment_ids, carry)
+      aux = aux + a
+    return x, aux, carry
 
-  def step(self, x, states):
+  def init_state(self, batch, dtype, max_len):
+    return [b.init_state(batch, dtype, max_len) for b in self.blocks]
+
+  def step(self, x, states, carry):
     new = []
     for b, s in zip(self.blocks, states):
-      x, s = b.step(x, s)
+      x, s, carry = b.step(x, s, carry)
       new.append(s)
-    return x, new
+    return x, new, carry
 
   def state_size(self, batch, max_len):
-    return sum(b.mixer.state_size(batch, max_len=max_len) for b in self.blocks)
+    return sum(b.state_size(batch, max_len) for b in self.blocks)
 
 
 class LM(nnx.Module):
@@ -118,6 +186,8 @@ class LM(nnx.Module):
         (n, tuple(sorted(dict(cfg.mixers[n]).items())) if n in cfg.mixers else ())
         for n in names)
     self.num_groups = cfg.num_layers // len(names)
+    self.mlp_state_size = (int(cfg.d_model) if cfg.get("mlp", "swiglu") == "rwkv"
+                           and int(round(cfg.mlp_ratio * cfg.d_model)) > 0 else 0)
     self.scan_layers = bool(cfg.scan_layers)
     self.remat = bool(cfg.remat)
     self.dtype = DTYPES[cfg.dtype]
@@ -134,6 +204,7 @@ class LM(nnx.Module):
       self.groups = nnx.List([Group(cfg, names, rngs=rngs) for _ in range(self.num_groups)])
     self.norm = RMSNorm(d, eps=cfg.norm_eps, dtype=self.dtype, param_dtype=pdtype, rngs=rngs)
     self.layout = self._sequence_layout(pdtype, rngs)
+    jax.eval_shape(lambda: self._init_carry(1, 1))  # mixers must agree on their carry
     self.head = None if cfg.tie_embeddings else Linear(
         d, v, ("embed", "vocab"), dtype=self.dtype, param_dtype=pdtype, rngs=rngs)
 
@@ -151,6 +222,19 @@ class LM(nnx.Module):
       return None
     (cls, configs), = hooks.items()
     return cls.sequence_layout(configs, d_model=self.d_model, param_dtype=pdtype, rngs=rngs)
+
+  def _init_carry(self, batch, length):
+    """The layer carry at the bottom of the stack: ``{class key: initial carry}`` for every
+    mixer class of the pattern with the ``init_layer_carry`` hook (``{}`` if none)."""
+    hooks = {}
+    for n, overrides in self.mixer_overrides:
+      cls = registry.get(n)
+      if hasattr(cls, "init_layer_carry"):
+        hooks.setdefault(carry_key(cls), (cls, []))[1].append(
+            {**registry.config_fields(n), **dict(overrides)})
+    return {key: cls.init_layer_carry(configs, d_model=self.d_model, batch=batch,
+                                      length=length, dtype=self.dtype)
+            for key, (cls, configs) in hooks.items()}
 
   def _embed(self, tokens):
     return jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
@@ -178,18 +262,21 @@ class LM(nnx.Module):
   def _run_layers(self, x, segment_ids):
     """Every group over x [B, T', D]: (hidden states, summed auxiliary losses)."""
     aux = jnp.zeros((), jnp.float32)
+    carry = self._init_carry(x.shape[0], x.shape[1])
     if self.scan_layers:
-      def body(group, carry):
-        h, a = carry
-        h, ga = group.call_with_aux(h, segment_ids)
-        return h, a + ga
+      def body(group, c):
+        h, a, lc = c
+        h, ga, lc = group.call_with_carry(h, segment_ids, lc)
+        return h, a + ga, lc
       if self.remat:
         body = nnx.remat(body)
-      return nnx.scan(body, in_axes=(0, nnx.Carry), out_axes=nnx.Carry,
-                      transform_metadata={nnx.PARTITION_NAME: "layers"})(self.groups, (x, aux))
+      x, aux, _ = nnx.scan(body, in_axes=(0, nnx.Carry), out_axes=nnx.Carry,
+                           transform_metadata={nnx.PARTITION_NAME: "layers"})(
+                               self.groups, (x, aux, carry))
+      return x, aux
     for g in self.groups:
-      fn = lambda gg, h: gg.call_with_aux(h, segment_ids)
-      x, ga = (nnx.remat(fn) if self.remat else fn)(g, x)
+      fn = lambda gg, h, c: gg.call_with_carry(h, segment_ids, c)
+      x, ga, carry = (nnx.remat(fn) if self.remat else fn)(g, x, carry)
       aux = aux + ga
     return x, aux
 
@@ -217,23 +304,27 @@ class LM(nnx.Module):
     return self.layout.step(x, state, apply, params, out_dim=self.embed.shape[0])
 
   def _step_layers(self, x, state):
+    carry = self._init_carry(x.shape[0], x.shape[1])
     if self.scan_layers:
-      def body(group, h, s):
-        return group.step(h, s)
-      x, state = nnx.scan(body, in_axes=(0, nnx.Carry, 0), out_axes=(nnx.Carry, 0),
-                          transform_metadata={nnx.PARTITION_NAME: "layers"})(
-                              self.groups, x, state)
+      def body(group, c, s):
+        h, lc = c
+        h, s, lc = group.step(h, s, lc)
+        return (h, lc), s
+      (x, _), state = nnx.scan(body, in_axes=(0, nnx.Carry, 0), out_axes=(nnx.Carry, 0),
+                               transform_metadata={nnx.PARTITION_NAME: "layers"})(
+                                   self.groups, (x, carry), state)
     else:
       new = []
       for g, s in zip(self.groups, state):
-        x, s = g.step(x, s)
+        x, s, carry = g.step(x, s, carry)
         new.append(s)
       state = new
     return self._logits(x), state
 
   def state_size(self, batch: int, *, max_len: int | None = None) -> int:
-    """Recurrent-state elements of the whole model (sum of every mixer's ``state_size``)."""
-    total = 0
+    """Recurrent-state elements of the whole model (sum of every mixer's ``state_size``,
+    plus the RWKV channel mix's previous token per block with ``model.mlp = "rwkv"``)."""
+    total = len(self.mixer_overrides) * batch * self.mlp_state_size
     for n, overrides in self.mixer_overrides:
       mixer = nnx.eval_shape(lambda n=n, o=dict(overrides): registry.create(
           n, d_model=self.d_model, rngs=nnx.Rngs(0), **o))
