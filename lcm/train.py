@@ -9,6 +9,9 @@ A run resumes automatically when ``workdir/checkpoints`` holds a checkpoint: mod
 optimizer, step and data-iterator position are restored, so the continued run is
 bitwise identical to an uninterrupted one.
 
+:class:`ModelHooks` (``hooks=``) change what is optimised (state tuning, lcm/state_tuning.py,
+uses them); without hooks the trainer is exactly the plain one.
+
 Around the run (docs/operations.md): ``workdir/.lock`` admits one run per workdir, every
 start appends a line to ``workdir/history.jsonl``, and SIGTERM / SIGINT end the run after the
 current step with a checkpoint at that step. ``guard=True`` (the command line) also refuses
@@ -24,14 +27,14 @@ import os
 import socket
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from flax import nnx
+from flax import nnx, traverse_util
 
 from lcm import checkpoint as ckpt_lib
 from lcm import config as config_lib
@@ -144,6 +147,31 @@ def loss_by_position(logits, batch):
           "pos_count": onehot.sum(axis=(0, 1))}
 
 
+@dataclasses.dataclass(frozen=True)
+class ModelHooks:
+  """What a caller may change (None: the default). ``build(model_cfg, rngs)``: the module to
+  train instead of ``LM(model_cfg, rngs=rngs)`` (called like it, with ``state_size``).
+  ``trainable``: an nnx filter of the parameters to optimise (gradients, clipping, optimizer
+  state cover only those; the rest pass through every step bit for bit). ``init_params(p)``:
+  a fresh run's starting parameters from the random ones ``p`` (pure dicts), not on resume."""
+
+  build: Callable[[ml_collections.ConfigDict, nnx.Rngs], nnx.Module] | None = None
+  trainable: Any = None
+  init_params: Callable[[dict], dict] | None = None
+
+
+def _partition(tree: dict, paths: frozenset) -> tuple[dict, dict]:
+  """``(the leaves at paths, the rest)`` of a pure nested dict; :func:`_combine` inverts it."""
+  flat = traverse_util.flatten_dict(tree, keep_empty_nodes=True)
+  return tuple(traverse_util.unflatten_dict({k: v for k, v in flat.items() if (k in paths) == i})
+               for i in (True, False))
+
+
+def _combine(a: dict, b: dict) -> dict:
+  flat = lambda t: traverse_util.flatten_dict(t, keep_empty_nodes=True)
+  return traverse_util.unflatten_dict({**flat(a), **flat(b)})
+
+
 # ----------------------------------------------------------------------------- trainer
 
 
@@ -171,8 +199,9 @@ class Trainer:
   """Holds the mesh, the split model, the optimizer and the jitted pure steps."""
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str | None = None, *,
-               devices=None):
+               devices=None, hooks: ModelHooks | None = None):
     devices = list(jax.devices() if devices is None else devices)
+    self.hooks = hooks = ModelHooks() if hooks is None else hooks
     config_lib.validate(config, num_devices=len(devices))
     config = config_lib.resolve(config)
     self.config = config
@@ -181,6 +210,8 @@ class Trainer:
     cfg = config.model
 
     def make_model():
+      if hooks.build is not None:
+        return hooks.build(cfg, nnx.Rngs(params=config.seed))
       return model_lib.LM(cfg, rngs=nnx.Rngs(params=config.seed))
 
     abstract = nnx.eval_shape(make_model)
@@ -188,7 +219,15 @@ class Trainer:
     if jax.tree.leaves(abs_rest):
       raise ValueError("the model has non-parameter state, which lcm.train does not handle")
     self.param_shardings = sharding_lib.state_shardings(abs_params, self.mesh)
-    self.labels = param_labels(abs_params, config.train.param_groups)
+    chosen = {} if hooks.trainable is None else traverse_util.flatten_dict(  # key paths
+        nnx.to_pure_dict(nnx.filter_state(abs_params, hooks.trainable)))
+    self.trainable = None if hooks.trainable is None else frozenset(chosen)
+    self.num_trainable = sum(int(np.prod(x.shape)) for x in chosen.values())
+    if self.trainable is not None and not self.trainable:
+      raise ValueError("hooks.trainable selects no parameter of the model")
+    opt_view = (lambda tree: tree) if self.trainable is None else (
+        lambda tree: _partition(tree, self.trainable)[0])
+    self.labels = opt_view(param_labels(abs_params, config.train.param_groups))
     self.tx = build_optimizer(config.train, self.labels)
     self.batch_sharding = sharding_lib.batch_sharding(self.mesh)
     self.replicated = sharding_lib.replicated(self.mesh)
@@ -201,14 +240,17 @@ class Trainer:
     # lot: on CPU the full XLA pipeline takes ~10x longer to compile it.
     self._init_params = jax.jit(init_params, out_shardings=self.param_shardings,
                                 compiler_options=_FAST_COMPILE)
-    abs_opt = jax.eval_shape(self.tx.init, nnx.to_pure_dict(abs_params))
-    self.opt_shardings = like_params(abs_opt, self.param_shardings, self.replicated)
-    self._init_opt = jax.jit(self.tx.init, out_shardings=self.opt_shardings)
+    abs_opt = jax.eval_shape(self.tx.init, opt_view(nnx.to_pure_dict(abs_params)))
+    self.opt_shardings = like_params(abs_opt, opt_view(self.param_shardings), self.replicated)
+    self._opt_view = opt_view
+    self._init_opt = jax.jit(lambda p: self.tx.init(opt_view(p)), out_shardings=self.opt_shardings)
 
     graphdef, tx = self.graphdef, self.tx
     # Mixers' auxiliary losses (MoM's load balance), summed over layers, join the objective
     # with weight train.aux_loss_weight; the logged "loss" stays the LM loss.
-    has_aux, aux_weight = abstract.has_aux_loss, float(config.train.aux_loss_weight)
+    has_aux, aux_weight = getattr(abstract, "has_aux_loss", False), float(
+        config.train.aux_loss_weight)
+    trainable = self.trainable
 
     mesh = self.mesh
 
@@ -219,8 +261,11 @@ class Trainer:
         return model(batch["inputs"], batch.get("segment_ids"), return_aux=return_aux)
 
     def train_step(params, opt_state, batch):
+      # hooks.trainable: differentiate and update only those; the rest passes through
+      params, frozen = (params, None) if trainable is None else _partition(params, trainable)
+      join = (lambda p: p) if frozen is None else (lambda p: _combine(p, frozen))
       def loss_fn(p):
-        logits, aux_loss = apply(p, batch, return_aux=True)
+        logits, aux_loss = apply(join(p), batch, return_aux=True)
         loss, aux = loss_and_metrics(logits, batch)
         aux["aux_loss"] = aux_loss
         return loss + aux_weight * aux_loss, (loss, aux)
@@ -236,7 +281,7 @@ class Trainer:
                  "grad_norm": gnorm, "finite": finite}
       if has_aux:
         metrics["aux_loss"] = aux["aux_loss"]
-      return new_params, new_opt, metrics
+      return join(new_params), new_opt, metrics
 
     def eval_step(params, batch):
       logits = apply(params, batch)
@@ -262,11 +307,14 @@ class Trainer:
 
   def init_state(self):
     params = self._init_params()
+    if self.hooks.init_params is not None:
+      params = jax.device_put(self.hooks.init_params(params), self.param_shardings,
+                              may_alias=False)  # the steps donate them: never the caller's
     return params, self._init_opt(params)
 
   def abstract_state(self):
     abs_params = jax.eval_shape(self._init_params)
-    abs_opt = jax.eval_shape(self.tx.init, abs_params)
+    abs_opt = jax.eval_shape(self.tx.init, self._opt_view(abs_params))
     return {
         "params": ckpt_lib.abstract_like(abs_params, self.param_shardings),
         "opt_state": ckpt_lib.abstract_like(abs_opt, self.opt_shardings),
@@ -387,7 +435,7 @@ def _check_restart(config, workdir: str, allow_config_change: bool
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None, guard: bool = False,
-        allow_config_change: bool = False) -> dict[str, Any]:
+        allow_config_change: bool = False, hooks: ModelHooks | None = None) -> dict[str, Any]:
   """Trains (or resumes) the experiment in ``config`` in ``workdir``; returns the summary.
 
   The run holds ``workdir/.lock`` throughout (a busy workdir raises
@@ -406,13 +454,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None, guard:
     if guard and finished is not None:
       return {**finished, "finished": True}
     with ckpt_lib.StopRequest() as stop:
-      return _run_locked(config, workdir, devices, stop, changes, allow_config_change)
+      return _run_locked(config, workdir, devices, stop, changes, allow_config_change, hooks)
 
 
 def _run_locked(config, workdir: str, devices, stop: ckpt_lib.StopRequest, changes: list[str],
-                allow_config_change: bool) -> dict[str, Any]:
+                allow_config_change: bool, hooks: ModelHooks | None = None) -> dict[str, Any]:
   t_start = time.time()
-  trainer = Trainer(config, workdir, devices=devices)
+  trainer = Trainer(config, workdir, devices=devices, hooks=hooks)
   c = trainer.config
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                keep=c.train.keep_checkpoints,
@@ -537,6 +585,8 @@ def _run_locked(config, workdir: str, devices, stop: ckpt_lib.StopRequest, chang
       state_size=trainer.state_size(), resumed_from=start if latest is not None else None,
       skipped_steps=skipped_steps, bad_checkpoints=[list(b) for b in bad_checkpoints])
   out = dataclasses.asdict(summary)
+  if trainer.trainable is not None:  # hooks.trainable: the parameters it optimised
+    out["trainable_params"] = trainer.num_trainable
   out.update({f"eval_{k}": v for k, v in eval_metrics.items() if k not in ("loss", "accuracy")})
   if data_skipped:
     out["data_skipped"] = data_skipped

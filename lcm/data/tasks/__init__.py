@@ -4,6 +4,9 @@
 validation both read it."""
 
 from lcm.data.tasks.mqar import MQARConfig, mqar_example, query_gap_probs
+from lcm.data.tasks.mqar_hidden import (MQARHiddenConfig, hidden_dictionary,
+                                        hidden_query_mask, mqar_hidden_example,
+                                        mqar_hidden_oracle)
 from lcm.data.tasks.passkey import PasskeyConfig, passkey_example, passkey_oracle
 from lcm.data.tasks.joint_recall import (JointRecallConfig, joint_recall_example,
                                          joint_recall_oracle)
@@ -17,9 +20,11 @@ from lcm.data.tasks.set_disjointness import (SetDisjointnessConfig, set_disjoint
 
 # Every data.task: the synthetic tasks above and the text corpus (lcm.data.text).
 TASKS = ("mqar", "passkey", "text", "joint_recall", "set_disjointness", "selective_copy",
-         "sequence_order", "phonebook")
+         "sequence_order", "phonebook", "mqar_hidden")
 
-__all__ = ["MQARConfig", "mqar_example", "query_gap_probs", "PasskeyConfig", "passkey_example",
+__all__ = ["MQARConfig", "mqar_example", "query_gap_probs", "MQARHiddenConfig",
+           "mqar_hidden_example", "mqar_hidden_oracle", "hidden_dictionary",
+           "hidden_query_mask", "PasskeyConfig", "passkey_example",
            "passkey_oracle", "JointRecallConfig", "joint_recall_example", "joint_recall_oracle",
            "PhonebookConfig", "phonebook_example", "phonebook_oracle", "SelectiveCopyConfig",
            "selective_copy_example", "selective_copy_oracle", "SequenceOrderConfig",
