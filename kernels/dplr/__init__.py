@@ -23,16 +23,15 @@ Public API::
 
 Implementations (``impl``):
   * ``"reference"``: per-token ``lax.scan`` (the ground truth).
-  * ``"xla"``: chunked (:mod:`kernels.dplr.reference`): a ``lax.scan`` over chunks whose step
-    prepares one chunk (per-channel decays as segment sums, the UT transform
-    ``(I - M)^{-1}`` of the rank-one removals) and hands the state on. Its ``custom_vjp``
-    backward is its own chunked pass: a reverse scan carrying the state cotangent, each step
-    the VJP of one chunk at the state saved on the way forward (one chunk's ``[C, C, Dk]``
-    temporaries alive at a time in both directions).
-  * ``"pallas_tpu"`` / ``"pallas_gpu"``: the state-free preparation runs in XLA (one chunk at
-    a time, ``lax.map``), the kernels do the state part (:func:`reference.apply`) chunk after
-    chunk; a reverse kernel carries the state cotangent; the rest of the gradient is the VJP
-    of :func:`reference.apply` at the saved states, parallel over chunks.
+  * ``"xla"``: chunked (:mod:`kernels.dplr.reference`). The state-free preparation
+    (:func:`reference.prepare`: per-channel pair decays as segment sums, the UT transform
+    ``(I - M)^{-1}`` of the rank-one removals) runs for groups of chunks at once
+    (``lax.map`` with a batch, rematerialised in the backward); the state part
+    (:func:`reference.apply`) is a ``lax.scan`` over chunks (:func:`reference.forward`).
+    Its ``custom_vjp`` backward is its own chunked pass: a reverse scan carrying the state
+    cotangent (:func:`reference.backward`), then the VJP of :func:`reference.apply` at the
+    saved chunk states, parallel over chunks; gradients then flow through the preparation.
+  * ``"pallas_tpu"`` / ``"pallas_gpu"``: the same, with the two scans as Pallas kernels.
   * ``"auto"``: the row of :data:`AUTO` for the backend and T's shape class.
   ``interpret=True`` runs a Pallas implementation on CPU.
 
@@ -54,7 +53,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from kernels.common import IMPLS, KernelConfig, auto_impl, interpret_key, scan_chunks, scan_resets, unscan_chunks
-from kernels.dplr.reference import PREPARED, apply, check_inputs, chunk_step, dplr_reference, prepare
+from kernels.dplr.reference import PREPARED, apply, check_inputs, dplr_reference, prepare
 
 __all__ = ["dplr_recurrence", "IMPLS", "AUTO"]
 
@@ -105,12 +104,10 @@ def dplr_recurrence(q, k, v, a, b, log_decay, *, initial_state=None, reset=None,
   if impl == "xla" or T < 16:
     # Shorter than a kernel chunk (decoding): one unpadded chunk of T tokens.
     C = max(1, min(chunk_size, T))
-    xs = {n: scan_chunks(x.astype(f32), C)
-          for n, x in zip(_INPUTS, (q, k, v, a, b, log_decay))}
-    r = (jnp.zeros((xs["q"].shape[0], B, C), jnp.int32) if reset is None
-         else scan_resets(reset, C))
-    o, sf = _xla(xs, r, s0)
-    return unscan_chunks(o, T).astype(q.dtype), sf
+    cfg = KernelConfig(impl="xla", interpret=False, cdt="float32")
+    c = prepare_all(q, k, v, a, b, log_decay, reset, C)
+    o, sf = _chunked(*(c[n] for n in PREPARED), s0, cfg)
+    return unscan_chunks(jnp.moveaxis(o, 2, 0), T).astype(q.dtype), sf
   if chunk_size % 16:
     raise ValueError(f"impl={impl!r} needs chunk_size to be a positive multiple of 16; "
                      f"got {chunk_size}.")
@@ -120,67 +117,30 @@ def dplr_recurrence(q, k, v, a, b, log_decay, *, initial_state=None, reset=None,
   cfg = KernelConfig(impl=impl, interpret=interpret_key(interpret),
                      cdt=jnp.dtype(q.dtype).name)
   c = prepare_all(q, k, v, a, b, log_decay, reset, chunk_size)
-  o, sf = _pallas_dplr(*(c[n] for n in PREPARED), s0, cfg)
+  o, sf = _chunked(*(c[n] for n in PREPARED), s0, cfg)
   o = jnp.moveaxis(o, 2, 0)  # [N,B,H,C,Dv]
   return unscan_chunks(o, T).astype(q.dtype), sf
 
 
 # ----------------------------------------------------------------------------------
-# xla: scan over chunks, custom VJP = reverse scan over chunks.
+# Chunked: preparation in XLA (groups of chunks), the state part in a scan (xla) or the
+# Pallas kernels, with one custom VJP for both.
 # ----------------------------------------------------------------------------------
+
+# Chunks prepared together (lax.map's batch): the [C, C, Dk] decay tensors of this many
+# chunks are alive at once, and the UT transform's row loop runs once per group.
+PREPARE_GROUP = 32
 
 
 def _seg(r):
   return jnp.cumsum(r, axis=-1)[:, None]  # [B,1,C]: one chunk
 
 
-def _chunk(s, x, r):
-  """One scan step: ``x`` per-chunk inputs ``[B,H,1,C,...]``, ``s`` ``[B,H,Dk,Dv]``."""
-  o, s_next = chunk_step(s[:, :, None], *(x[n] for n in _INPUTS), _seg(r))
-  return o[:, :, 0], s_next[:, :, 0]
-
-
-@jax.custom_vjp
-def _xla(xs, r, s0):
-  sf, o = lax.scan(lambda s, xr: _chunk(s, *xr)[::-1], s0, (xs, r))
-  return o, sf
-
-
-def _xla_fwd(xs, r, s0):
-  def step(s, xr):
-    o, s_next = _chunk(s, *xr)
-    return s_next, (o, s)
-
-  sf, (o, h) = lax.scan(step, s0, (xs, r))
-  return (o, sf), (xs, r, h)
-
-
-def _xla_bwd(res, cts):
-  xs, r, h = res
-  do, dsf = cts
-
-  def step(ds, inp):
-    x, r_, s, do_ = inp
-    _, vjp = jax.vjp(lambda s_, x_: _chunk(s_, x_, r_), s, x)
-    ds_in, dx = vjp((do_, ds))
-    return ds_in, dx
-
-  ds0, dxs = lax.scan(step, dsf.astype(jnp.float32), (xs, r, h, do), reverse=True)
-  return dxs, None, ds0
-
-
-_xla.defvjp(_xla_fwd, _xla_bwd)
-
-
-# ----------------------------------------------------------------------------------
-# Pallas: preparation in XLA (chunk by chunk), the state part in the kernels.
-# ----------------------------------------------------------------------------------
-
-
 def prepare_all(q, k, v, a, b, log_decay, reset, chunk_size):
-  """:func:`reference.prepare` of every chunk, one chunk at a time (``lax.map``, each step
-  rematerialised in the backward), returned chunk-major ``[B,H,N,C,...]`` (``decay``
-  ``[B,H,N,Dk]``). T is front-padded to a multiple of ``chunk_size`` with no-op tokens."""
+  """:func:`reference.prepare` of every chunk, :data:`PREPARE_GROUP` chunks at a time
+  (``lax.map`` with a batch, each group rematerialised in the backward), returned
+  chunk-major ``[B,H,N,C,...]`` (``decay`` ``[B,H,N,Dk]``). T is front-padded to a
+  multiple of ``chunk_size`` with no-op tokens."""
   f32 = jnp.float32
   C = int(chunk_size)
   xs = {n: scan_chunks(x.astype(f32), C) for n, x in zip(_INPUTS, (q, k, v, a, b, log_decay))}
@@ -194,11 +154,14 @@ def prepare_all(q, k, v, a, b, log_decay, reset, chunk_size):
     c = prepare(*(x[n] for n in _INPUTS), _seg(r_))
     return {n: c[n][:, :, 0] for n in PREPARED}
 
-  c = lax.map(one, (xs, r))  # [N,B,H,...]
+  c = lax.map(one, (xs, r), batch_size=min(PREPARE_GROUP, xs["q"].shape[0]))  # [N,B,H,...]
   return {n: jnp.moveaxis(x, 0, 2) for n, x in c.items()}
 
 
 def _backend(impl):
+  if impl == "xla":
+    from kernels.dplr import reference
+    return reference
   if impl == "pallas_tpu":
     from kernels.dplr import pallas_tpu
     return pallas_tpu
@@ -207,20 +170,21 @@ def _backend(impl):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(10,))
-def _pallas_dplr(q_in, w, u, p, o_v, a_out, k_out, v, decay, s0, cfg):
-  """Prepared chunk-major inputs -> ``(o [B,H,N,C,Dv], S_final)``."""
+def _chunked(q_in, w, u, p, o_v, a_out, k_out, v, decay, s0, cfg):
+  """Prepared chunk-major inputs -> ``(o [B,H,N,C,Dv], S_final)``: the state part by
+  ``cfg.impl``'s forward (``reference.forward``'s scan or a Pallas kernel)."""
   return _backend(cfg.impl).forward(q_in, w, u, p, o_v, a_out, k_out, v, decay, s0,
                                     compute_dtype=cfg.cdt, interpret=cfg.interpret)
 
 
-def _pallas_fwd(q_in, w, u, p, o_v, a_out, k_out, v, decay, s0, cfg):
+def _chunked_fwd(q_in, w, u, p, o_v, a_out, k_out, v, decay, s0, cfg):
   o, sf, h = _backend(cfg.impl).forward(q_in, w, u, p, o_v, a_out, k_out, v, decay, s0,
                                         want_states=True, compute_dtype=cfg.cdt,
                                         interpret=cfg.interpret)
   return (o, sf), (q_in, w, u, p, o_v, a_out, k_out, v, decay, h)
 
 
-def _pallas_bwd(cfg, res, cts):
+def _chunked_bwd(cfg, res, cts):
   q_in, w, u, p, o_v, a_out, k_out, v, decay, h = res
   do, dsf = cts
   f32 = jnp.float32
@@ -233,4 +197,4 @@ def _pallas_bwd(cfg, res, cts):
   return vjp((do, dh)) + (ds0,)
 
 
-_pallas_dplr.defvjp(_pallas_fwd, _pallas_bwd)
+_chunked.defvjp(_chunked_fwd, _chunked_bwd)

@@ -157,8 +157,44 @@ def apply(h, q_in, w, u, p, o_v, a_out, k_out, v, decay):
   return o, s_next
 
 
-def chunk_step(s, q, k, v, a, b, g, seg):
-  """One chunk (or a batch of chunks with their entering states ``s``), prepare + apply:
-  ``[B,H,N,...]`` arrays -> ``(o, S_next)``."""
-  c = prepare(q, k, v, a, b, g, seg)
-  return apply(s, *(c[name] for name in PREPARED))
+# ----------------------------------------------------------------------------------
+# The state part as a scan over chunks: the ``xla`` implementation's "kernels" (the jnp
+# twins of pallas_tpu / pallas_gpu's ``forward`` / ``backward``, same signatures).
+# ----------------------------------------------------------------------------------
+
+
+def forward(q_in, w, u, p, o_v, a_out, k_out, v, decay, s0, *, want_states=False,
+            compute_dtype="float32", interpret=False):
+  """:func:`apply` chunk after chunk (``lax.scan``) from ``s0``: ``(o, S_final)`` and, with
+  ``want_states``, the state entering every chunk ``h`` ``[B,H,N,Dk,Dv]``."""
+  del compute_dtype, interpret  # fp32 throughout
+  xs = tuple(jnp.moveaxis(x, 2, 0) for x in (q_in, w, u, p, o_v, a_out, k_out, v, decay))
+
+  def step(s, x):
+    o, s_next = apply(s, *x)
+    return s_next, (o, s)
+
+  sf, (o, h) = lax.scan(step, s0, xs)
+  o, h = jnp.moveaxis(o, 0, 2), jnp.moveaxis(h, 0, 2)
+  return (o, sf, h) if want_states else (o, sf)
+
+
+def backward(q_in, w, p, a_out, decay, do, dsf, *, compute_dtype="float32", interpret=False):
+  """The state cotangent carried from the last chunk to the first::
+
+      drem = P^T dO + a_out dS',     dS = decay * dS' + q_in^T dO + W^T drem
+
+  Returns ``(dh [B,H,N,Dk,Dv]``: the cotangent of the state *leaving* every chunk,
+  ``ds0)``."""
+  del compute_dtype, interpret
+  mt = lambda x, y: jnp.einsum("...ci,...cd->...id", x, y, precision=_HI)  # x^T y
+  xs = tuple(jnp.moveaxis(x, 2, 0) for x in (q_in, w, p, a_out, decay, do))
+
+  def step(ds_out, x):
+    q_in_, w_, p_, a_out_, decay_, do_ = x
+    drem = mt(p_, do_) + jnp.einsum("...cd,...de->...ce", a_out_, ds_out, precision=_HI)
+    ds_in = decay_[..., None] * ds_out + mt(q_in_, do_) + mt(w_, drem)
+    return ds_in, ds_out
+
+  ds0, dh = lax.scan(step, dsf, xs, reverse=True)
+  return jnp.moveaxis(dh, 0, 2), ds0
