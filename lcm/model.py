@@ -39,7 +39,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from layers.common import ConfigError, Linear, RMSNorm, SwiGLU, param
-from layers.linear_attention import RWKV7ChannelMix
 from lcm import registry
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -75,7 +74,11 @@ class Block(nnx.Module):
     self.shift_mlp = hidden > 0 and kind == "rwkv"
     if hidden > 0:
       self.norm2 = RMSNorm(d, eps=cfg.norm_eps, dtype=dtype, param_dtype=pdtype, rngs=rngs)
-      mlp = RWKV7ChannelMix if self.shift_mlp else SwiGLU
+      if self.shift_mlp:  # imported when asked for, like the registry's mixers
+        from layers.linear_attention import RWKV7ChannelMix  # pylint: disable=g-import-not-at-top
+        mlp = RWKV7ChannelMix
+      else:
+        mlp = SwiGLU
       self.mlp = mlp(d, hidden, dtype=dtype, param_dtype=pdtype, rngs=rngs)
     else:
       self.norm2 = self.mlp = None
