@@ -193,6 +193,14 @@ def evaluate(model, sets) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- outputs
 
 
+def run_starts(workdir: str) -> list[dict]:
+  """Commit, dirty flag and start time of every start of a run (its history.jsonl): the
+  code that trained it, which may predate the commit that evaluates it here."""
+  with open(os.path.join(workdir, provenance.HISTORY_FILE), encoding="utf-8") as fh:
+    return [{k: h.get(k) for k in ("commit", "dirty", "time", "resumed_from")}
+            for h in map(json.loads, fh)]
+
+
 def summarize(rows: list[dict]) -> dict[str, dict]:
   out = {}
   for kind in KINDS:
@@ -306,7 +314,8 @@ def main(argv) -> int:
       "task": dataclasses.asdict(state_tuning.mqar_hidden_config(tuned_config.data)),
       "eval_seed": f.eval_seed, "eval_examples": f.eval_examples,
       "base_eval_accuracy": base_summary["eval_accuracy"],
-      "base_wall_seconds": base_summary["wall_seconds"]}
+      "base_wall_seconds": base_summary["wall_seconds"],
+      "run_starts": {d: run_starts(d) for d in [base, *tuned_dirs]}}
   report = {"setup": setup, "frozen": frozen, "tuned": rows, "summary": summarize(rows)}
   md, png = f.out + ".md", f.out + ".png"
   os.makedirs(os.path.dirname(os.path.abspath(f.out)), exist_ok=True)
