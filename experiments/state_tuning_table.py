@@ -166,7 +166,7 @@ def accuracy(model, batches: list[dict], masks: list[np.ndarray]) -> tuple[float
 
 def eval_sets(hidden_data, base_data, seed: int, n: int) -> dict[str, tuple[list, list]]:
   """kind -> (batches, masks): the held-out examples of ``seed`` of both tasks."""
-  task = state_tuning.mqar_hidden_config(hidden_data)
+  task = pipeline.mqar_hidden_config(hidden_data)
   hb = pipeline.eval_batches(hidden_data, seed=seed, num_examples=n, batch_size=EVAL_BATCH)
   hm = [mqar_hidden.hidden_query_mask(b["inputs"], b["loss_mask"], vocab_size=task.vocab_size,
                                       num_hidden=task.num_hidden, hidden_seed=task.hidden_seed)
@@ -311,7 +311,7 @@ def main(argv) -> int:
       "tuned_elements": state_tuning.tuned_size(first),
       "frozen_params": int(sum(np.size(x) for x in jax.tree.leaves(
           nnx.to_pure_dict(nnx.state(lm, nnx.Param))))),
-      "task": dataclasses.asdict(state_tuning.mqar_hidden_config(tuned_config.data)),
+      "task": dataclasses.asdict(pipeline.mqar_hidden_config(tuned_config.data)),
       "eval_seed": f.eval_seed, "eval_examples": f.eval_examples,
       "base_eval_accuracy": base_summary["eval_accuracy"],
       "base_wall_seconds": base_summary["wall_seconds"],

@@ -194,7 +194,7 @@ def _check_known_fields(c: ml_collections.ConfigDict) -> None:
   from lcm.data import tasks  # pylint: disable=g-import-not-at-top
   task_configs = (text.TextConfig, tasks.PasskeyConfig, tasks.JointRecallConfig,
                   tasks.SetDisjointnessConfig, tasks.SelectiveCopyConfig,
-                  tasks.SequenceOrderConfig, tasks.PhonebookConfig)
+                  tasks.SequenceOrderConfig, tasks.PhonebookConfig, tasks.MQARHiddenConfig)
   extra = {"data": {f.name for cls in task_configs for f in dataclasses.fields(cls)}}
   for key in c.keys():
     if key not in base:
@@ -280,7 +280,7 @@ def validate(c: ml_collections.ConfigDict, *, num_devices: int | None = None) ->
     pipeline.passkey_config(c.data)
 
   elif task in ("joint_recall", "set_disjointness", "selective_copy", "sequence_order",
-                "phonebook"):
+                "phonebook", "mqar_hidden"):
     from lcm.data import pipeline  # pylint: disable=g-import-not-at-top
     _int(c, "data.vocab_size", min_value=1)
     _int(c, "data.seq_len", min_value=1)

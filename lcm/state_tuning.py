@@ -49,9 +49,8 @@ How lcm does it, and the choices made here:
   AdamW-trained tensors of the model's own state shapes. A mixer's auxiliary loss (MoM) is
   not added (``step`` returns none).
 
-The task the experiment uses, MQAR with a hidden dictionary (``mqar_hidden``,
-``lcm/data/tasks/mqar_hidden.py``), is registered with the data pipeline when this module is
-imported (:func:`register_task`).
+The task the experiment uses is MQAR with a hidden dictionary (``data.task =
+"mqar_hidden"``, ``lcm/data/tasks/mqar_hidden.py``).
 """
 
 from __future__ import annotations
@@ -74,7 +73,6 @@ from lcm import generate as generate_lib
 from lcm import model as model_lib
 from lcm import train
 from lcm.data import pipeline
-from lcm.data.tasks import mqar_hidden
 
 LEAVES = ("all", "matrix")
 META = "state_tuning.json"
@@ -173,25 +171,8 @@ def tuned_size(model: StateTunedLM) -> int:
   return int(sum(np.prod(s.shape) for s in model.states))
 
 
-# ----------------------------------------------------------------------------- the task
 
 
-def mqar_hidden_config(data_cfg: Any) -> mqar_hidden.MQARHiddenConfig:
-  """``data_cfg``'s fields of the task (missing ones: the dataclass defaults), validated."""
-  d = mqar_hidden.MQARHiddenConfig()
-  get = lambda name: data_cfg.get(name, getattr(d, name)) if hasattr(data_cfg, "get") else \
-      getattr(data_cfg, name, getattr(d, name))
-  return mqar_hidden.MQARHiddenConfig(**{f.name: get(f.name) for f in dataclasses.fields(d)}
-                                      ).validate("data")
-
-
-def register_task() -> None:
-  """Lets the data pipeline build ``data.task = "mqar_hidden"`` (idempotent)."""
-  pipeline.SYNTHETIC_TASKS.setdefault(
-      "mqar_hidden", (mqar_hidden_config, mqar_hidden.mqar_hidden_example))
-
-
-register_task()
 
 
 # ----------------------------------------------------------------------------- the base run
@@ -324,7 +305,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, init_from: str,
           "tuned_leaves": [list(map(int, s.shape)) for s in model.states],
           "tuned_elements": tuned_size(model)}
   if config.data.task == "mqar_hidden":
-    meta["task"] = dataclasses.asdict(mqar_hidden_config(config.data))
+    meta["task"] = dataclasses.asdict(pipeline.mqar_hidden_config(config.data))
 
   def on_start():
     with open(os.path.join(workdir, META), "w", encoding="utf-8") as f:

@@ -33,6 +33,7 @@ from lcm.data.tasks import TASKS
 from lcm.data.tasks.mqar import MQARConfig, mqar_example
 from lcm.data.tasks.passkey import PasskeyConfig, passkey_example
 from lcm.data.tasks.joint_recall import JointRecallConfig, joint_recall_example
+from lcm.data.tasks.mqar_hidden import MQARHiddenConfig, mqar_hidden_example
 from lcm.data.tasks.phonebook import PhonebookConfig, phonebook_example
 from lcm.data.tasks.selective_copy import SelectiveCopyConfig, selective_copy_example
 from lcm.data.tasks.sequence_order import SequenceOrderConfig, sequence_order_example
@@ -118,6 +119,10 @@ def phonebook_config(data_cfg: Any) -> PhonebookConfig:
   return _task_config(PhonebookConfig, data_cfg)
 
 
+def mqar_hidden_config(data_cfg: Any) -> MQARHiddenConfig:
+  return _task_config(MQARHiddenConfig, data_cfg)
+
+
 # Synthetic tasks beyond mqar / passkey: name -> (config builder, example function).
 SYNTHETIC_TASKS = {
     "joint_recall": (joint_recall_config, joint_recall_example),
@@ -125,6 +130,7 @@ SYNTHETIC_TASKS = {
     "selective_copy": (selective_copy_config, selective_copy_example),
     "sequence_order": (sequence_order_config, sequence_order_example),
     "phonebook": (phonebook_config, phonebook_example),
+    "mqar_hidden": (mqar_hidden_config, mqar_hidden_example),
 }
 
 

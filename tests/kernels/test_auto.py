@@ -10,7 +10,7 @@ import os
 import jax.numpy as jnp
 import pytest
 
-from kernels import block_sparse, chunked_scan, common, delta_rule, diag_scan
+from kernels import block_sparse, chunked_scan, common, delta_rule, diag_scan, dplr
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 KERNELS = {"chunked_scan": chunked_scan, "delta_rule": delta_rule, "diag_scan": diag_scan,
@@ -45,9 +45,21 @@ def test_cpu_table_agrees_with_the_measured_winners(measured, name):
     assert min(cls["geomean_ms"], key=cls["geomean_ms"].get) == winners[c]
 
 
-@pytest.mark.parametrize("name", sorted(KERNELS))
+def test_dplr_cpu_table_agrees_with_its_own_measurement():
+  """dplr's rows come from its own run (``--auto_ops=dplr --out=results/bench_auto_dplr``)."""
+  with open(os.path.join(ROOT, "results", "bench_auto_dplr.json"), encoding="utf-8") as f:
+    measured = json.load(f)
+  assert measured["provenance"]["command"].startswith("python -m experiments.bench auto")
+  winners = measured["result"]["winners"]["dplr"]["cpu"]
+  assert {c: dplr.AUTO[("cpu", c)] for c in CLASSES} == winners
+  for c in CLASSES:
+    cls = measured["result"]["kernels"]["dplr"]["classes"][c]
+    assert min(cls["geomean_ms"], key=cls["geomean_ms"].get) == winners[c]
+
+
+@pytest.mark.parametrize("name", sorted(KERNELS) + ["dplr"])
 def test_accelerator_rows_are_the_pallas_kernels(name, monkeypatch):
-  table = KERNELS[name].AUTO
+  table = {**KERNELS, "dplr": dplr}[name].AUTO
   assert set(table) == {(b, c) for b in ("cpu", "gpu", "tpu") for c in CLASSES}
   for backend in ("gpu", "tpu"):
     monkeypatch.setattr(common, "platform", lambda backend=backend: backend)
