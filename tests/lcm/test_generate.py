@@ -26,9 +26,11 @@ PROMPT, NEW = 5, 7
 # A KV cache sized by max_len, a sliding-window cache, the landmark layout hook (the only
 # mixer that changes the LM's sequence layout) with its block cache, a fixed-size SSM state,
 # a delta-rule matrix state with a short-convolution tail, neural memory weights and
-# momentum with a segment buffer, and cached segment states.
+# momentum with a segment buffer, cached segment states, and a token-shift state beside a
+# diagonal-plus-low-rank matrix state (rwkv7; its two-layer value residual and channel mix:
+# tests/layers/test_rwkv7.py).
 GENERATE = ("attention", "swa", "landmark", "mamba2", "gated_deltanet", "titans_mac",
-            "memory_caching")
+            "memory_caching", "rwkv7")
 
 
 def tiny_lm(name):
