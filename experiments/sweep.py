@@ -184,6 +184,13 @@ def run_grid(base: ml_collections.ConfigDict, points: Iterable[dict[str, Any]], 
         rows.append({**overrides, "workdir": workdir, "best_accuracy": None,
                      "best_step": None, "error": f"{type(e).__name__}: {e}"})
         continue
+      if summary.get("preempted"):
+        # SIGTERM / SIGINT: the run checkpointed and returned; the sweep stops too (it used
+        # to go on to the next point), and running it again resumes this point.
+        log(f"[{i + 1}/{len(points)}] {point_name(overrides)}: stopped by "
+            f"{summary.get('signal')} at step {summary.get('step')}; the sweep stops (run it "
+            f"again to resume)")
+        raise SystemExit(0)
     history = eval_history(workdir)
     best = (max(history, key=lambda r: r.get("accuracy", float("-inf"))) if history
             else {"accuracy": summary.get("eval_accuracy"), "step": summary.get("steps")})

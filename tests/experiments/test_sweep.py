@@ -97,3 +97,20 @@ def test_a_failing_run_is_reported_and_the_sweep_goes_on(tmp_path):
   assert rows[0]["error"] == "FloatingPointError: loss is nan at step 1"
   assert rows[1]["best_accuracy"] == 0.75 and "error" not in rows[1]
   assert any("d_model=32: FAILED" in line for line in logs)
+
+
+def test_a_preempted_run_stops_the_sweep(tmp_path):
+  """SIGTERM during a run: the run checkpoints and returns ``preempted``; the sweep exits 0
+  instead of starting the next point."""
+  trained, logs = [], []
+
+  def preempted_train(c, workdir):
+    trained.append(workdir)
+    return {"preempted": True, "signal": "SIGTERM", "step": 3, "steps": c.train.steps}
+
+  points = sweep.expand_grid({"model.d_model": [32, 64]})
+  with pytest.raises(SystemExit) as e:
+    sweep.run_grid(mqar.get_config(), points, str(tmp_path), train_fn=preempted_train,
+                   log=logs.append)
+  assert e.value.code == 0 and len(trained) == 1
+  assert any("stopped by SIGTERM at step 3; the sweep stops" in line for line in logs)
