@@ -34,7 +34,9 @@ from lcm import provenance, state_tuning, train
 DEFAULT_CONFIG = os.path.join(provenance.ROOT, "configs", "state_tuning.py")
 
 
-def _define_flags(fv: flags.FlagValues, argv: Sequence[str]) -> dict:
+def _define_flags(fv: flags.FlagValues = flags.FLAGS, argv: Sequence[str] | None = None) -> dict:
+  """The command's flags, in ``fv``; ``argv`` is where the config flag finds its overrides
+  (default sys.argv)."""
   holders = {
       "init_from": flags.DEFINE_string(
           "init_from", None, "Workdir of a finished training run whose model is tuned (its "
@@ -48,7 +50,7 @@ def _define_flags(fv: flags.FlagValues, argv: Sequence[str]) -> dict:
       "config": config_flags.DEFINE_config_file(
           "config", None, "configs/state_tuning.py[:task] (the default); override any field "
           "with --config.<field>=<value>", flag_values=fv, lock_config=True,
-          sys_argv=list(argv)),
+          sys_argv=None if argv is None else list(argv)),
   }
   fv["config"].parser = train_cli.ConfigFileParser("config", argv)
   flags.mark_flags_as_required(["init_from", "workdir"], flag_values=fv)

@@ -59,7 +59,7 @@ TICKS = ("hidden-dictionary\nkeys", "in-context keys\n(same sequences)", "ordina
          "ordinary MQAR:\ndictionary keys", "ordinary MQAR:\nother keys")
 
 
-def _define_flags(fv: flags.FlagValues) -> None:
+def _define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
   global _FLAGS
   _FLAGS = fv
   flags.DEFINE_string("runs", "runs/state_tuning", "Workdirs root (base/, seed<s>/).",

@@ -158,20 +158,29 @@ def mqar_example(
   gaps = _weighted_sample_without_replacement(rng, query_gap_probs(space, float(power_a)), n)
   query_pos = context + 2 * gaps
 
+  return assemble(rng, v, t, keys, values, keys, values, query_pos, random_non_queries)
+
+
+def assemble(rng, vocab_size, seq_len, keys, values, query_keys, query_values, query_pos,
+             random_non_queries):
+  """The example row: ``keys`` / ``values`` interleaved at the start, ``query_keys`` at
+  ``query_pos`` with ``query_values`` as their targets (the loss mask), the rest 0 or, with
+  ``random_non_queries``, random tokens drawn from ``rng`` (also used by ``mqar_hidden``)."""
+  t, context = int(seq_len), 2 * len(keys)
   full = np.zeros(t + 1, dtype=np.int64)
   full[0:context:2] = keys
   full[1:context:2] = values
-  full[query_pos] = keys
+  full[query_pos] = query_keys
   if random_non_queries:
     filler = np.ones(t + 1, dtype=bool)
     filler[:context] = False
     filler[query_pos] = False
-    noise = rng.integers(0, v, size=t + 1)
+    noise = rng.integers(0, int(vocab_size), size=t + 1)
     full[filler] = noise[filler]
 
   inputs = full[:-1].astype(np.int32)
   targets = full[1:].astype(np.int32)
-  targets[query_pos] = values
+  targets[query_pos] = query_values
   loss_mask = np.zeros(t, dtype=np.float32)
   loss_mask[query_pos] = 1.0
   return {"inputs": inputs, "targets": targets, "loss_mask": loss_mask}

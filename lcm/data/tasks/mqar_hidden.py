@@ -40,7 +40,7 @@ import functools
 import numpy as np
 
 from layers.common import ConfigError
-from lcm.data.tasks.mqar import is_int, query_gap_probs
+from lcm.data.tasks.mqar import assemble, is_int, query_gap_probs
 
 __all__ = ["MQARHiddenConfig", "mqar_hidden_example", "mqar_hidden_oracle",
            "hidden_dictionary", "hidden_query_mask"]
@@ -174,23 +174,8 @@ def mqar_hidden_example(index: int, *, seed: int, vocab_size: int, seq_len: int,
   query_values = np.concatenate([values, hvalues[asked]])[order]
   query_pos = context + 2 * gaps
 
-  full = np.zeros(t + 1, dtype=np.int64)
-  full[0:context:2] = keys
-  full[1:context:2] = values
-  full[query_pos] = query_keys
-  if random_non_queries:
-    filler = np.ones(t + 1, dtype=bool)
-    filler[:context] = False
-    filler[query_pos] = False
-    noise = rng.integers(0, v, size=t + 1)
-    full[filler] = noise[filler]
-
-  inputs = full[:-1].astype(np.int32)
-  targets = full[1:].astype(np.int32)
-  targets[query_pos] = query_values
-  loss_mask = np.zeros(t, dtype=np.float32)
-  loss_mask[query_pos] = 1.0
-  return {"inputs": inputs, "targets": targets, "loss_mask": loss_mask}
+  return assemble(rng, v, t, keys, values, query_keys, query_values, query_pos,
+                  random_non_queries)
 
 
 def hidden_query_mask(inputs: np.ndarray, loss_mask: np.ndarray, *, vocab_size: int,
